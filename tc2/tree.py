@@ -1,0 +1,95 @@
+"""The few pytree helpers MindSpore lacks, for dict/tuple containers only.
+
+Written with `isinstance` and one-`for` comprehensions so they also compile inside `ms.jit`
+(graph mode parses the source: no iterators, no try, one `for` per comprehension). Lists are
+deliberately not containers: list arguments recompile on every jit call.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import ops
+
+
+def tree_map(fn, tree, *rest):
+    """fn over the leaves of `tree` (and the matching leaves of `rest`), same structure out."""
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, tree[k], *[r[k] for r in rest]) for k in tree}
+    if isinstance(tree, tuple):
+        return tuple([tree_map(fn, tree[i], *[r[i] for r in rest]) for i in range(len(tree))])
+    return fn(tree, *rest)
+
+
+def tree_leaves(tree) -> tuple:
+    """Leaves in a fixed order (dict keys sorted), as a flat tuple."""
+    if isinstance(tree, dict):
+        out = ()
+        for k in sorted(tree):
+            out = out + tree_leaves(tree[k])
+        return out
+    if isinstance(tree, tuple):
+        out = ()
+        for t in tree:
+            out = out + tree_leaves(t)
+        return out
+    return (tree,)
+
+
+def tree_unflatten(like, leaves):
+    """Inverse of `tree_leaves`: put `leaves` (in that order) into the structure of `like`."""
+    out, rest = _unflatten(like, tuple(leaves))
+    if rest:
+        raise ValueError(f"{len(rest)} leaves left over")
+    return out
+
+
+def _unflatten(like, leaves):
+    if isinstance(like, dict):
+        out = {}
+        for k in sorted(like):
+            out[k], leaves = _unflatten(like[k], leaves)
+        return out, leaves
+    if isinstance(like, tuple):
+        items = []
+        for t in like:
+            item, leaves = _unflatten(t, leaves)
+            items.append(item)
+        return tuple(items), leaves
+    return leaves[0], leaves[1:]
+
+
+def tree_flatten_with_names(tree, prefix: str = "") -> dict:
+    """{"layers.0.wq": leaf, ...}: dotted names, the form checkpoints use (host side only)."""
+    if isinstance(tree, dict):
+        out = {}
+        for k in sorted(tree):
+            out.update(tree_flatten_with_names(tree[k], f"{prefix}{k}."))
+        return out
+    if isinstance(tree, tuple):
+        out = {}
+        for i, t in enumerate(tree):
+            out.update(tree_flatten_with_names(t, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def tree_unflatten_from_names(like, flat: dict):
+    """Inverse of `tree_flatten_with_names` into the structure of `like`; exact name match."""
+    names = tree_flatten_with_names(like)
+    missing = sorted(set(names) - set(flat))
+    extra = sorted(set(flat) - set(names))
+    if missing or extra:
+        raise KeyError(f"tree names differ: missing {missing[:5]}, unexpected {extra[:5]}")
+    return tree_unflatten(like, [flat[n] for n in names])
+
+
+def tree_zeros_like(tree, dtype=None):
+    return tree_map(lambda x: ops.zeros(x.shape, dtype or x.dtype), tree)
+
+
+def tree_global_norm(tree):
+    """sqrt(sum of squares over every leaf), accumulated in float32."""
+    total = ms.Tensor(0.0, ms.float32)
+    for leaf in tree_leaves(tree):
+        x = leaf.astype(ms.float32)
+        total = total + (x * x).sum()
+    return ops.sqrt(total)
