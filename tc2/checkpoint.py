@@ -108,6 +108,8 @@ def iter_hf_tensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
 
 def load_hf(path: str, *, dtype=ms.float32, **config_overrides):
     """An official TeleChat2 HF directory -> (params pytree of ms.Tensor, ModelConfig)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
     cfg = ModelConfig.from_hf(path, **config_overrides)
     files = hf_tensor_files(path)
     shapes = {}

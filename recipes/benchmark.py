@@ -1,0 +1,24 @@
+"""Benchmarks (not tests): `python recipes/benchmark.py {train,decode,parallel} [flags]`.
+
+Each subcommand lives in its own module next to this file and prints a table of ratios against
+a reference measured in the same run (absolute times on shared machines are noise).
+"""
+import importlib
+import os
+import sys
+
+SUBCOMMANDS = {"train": "bench_train", "decode": "bench_decode", "parallel": "bench_parallel"}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SUBCOMMANDS:
+        print(f"usage: benchmark.py {{{','.join(SUBCOMMANDS)}}} [--help]", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    module = importlib.import_module(SUBCOMMANDS[argv[0]])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
