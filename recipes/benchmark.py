@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python recipes/benchmark.py {train,decode,parallel} [flags]`.
+"""Benchmarks (not tests): `python recipes/benchmark.py {forward,train,decode,parallel} [flags]`.
 
 Each subcommand lives in its own module next to this file and prints a table of ratios against
 a reference measured in the same run (absolute times on shared machines are noise).
@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-SUBCOMMANDS = {"train": "bench_train", "decode": "bench_decode", "parallel": "bench_parallel"}
+SUBCOMMANDS = {"forward": "bench_forward", "train": "bench_train", "decode": "bench_decode", "parallel": "bench_parallel"}
 
 
 def main(argv=None):
