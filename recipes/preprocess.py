@@ -24,22 +24,27 @@ no usable line is always an error. Blank lines are ignored. The output is writte
 """
 
 
-def progress_printer(stream=sys.stderr, width: int = 30):
-    """A minimal progress bar over bytes read (no tqdm dependency)."""
-    state = {"last": -1.0}
+class ProgressBar:
+    """A minimal progress bar over bytes read, on stderr (no tqdm dependency)."""
 
-    def update(done: int, total: int) -> None:
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream, self.width, self.last, self.open = stream, width, -1.0, False
+
+    def __call__(self, done: int, total: int) -> None:
         frac = done / total if total else 1.0
         now = time.monotonic()
-        if frac < 1.0 and now - state["last"] < 0.2:
+        if frac < 1.0 and now - self.last < 0.2:
             return
-        state["last"] = now
-        bar = "#" * int(frac * width)
-        stream.write(f"\rreading [{bar:<{width}}] {frac:6.1%}")
+        self.last, self.open = now, True
+        self.stream.write(f"\rreading [{'#' * int(frac * self.width):<{self.width}}] {frac:6.1%}")
         if frac >= 1.0:
-            stream.write("\n")
-        stream.flush()
-    return update
+            self.close()
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.open:
+            self.stream.write("\n")
+            self.open = False
 
 
 def build_parser() -> ArgumentParser:
@@ -70,6 +75,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     tokens = ChatTokens(start=args.start_token, user=args.user_token, bot=args.bot_token,
                         end=args.end_token, pad=args.pad_token)
+    bar = ProgressBar() if args.progress else None
     t0 = time.perf_counter()
     try:
         tokenizer = Tokenizer(args.vocab_file_path)
@@ -77,10 +83,12 @@ def main(argv=None) -> int:
                             pack=PackConfig(args.max_length, args.seed, args.shuffle),
                             on_error="skip" if args.skip_bad_lines else "raise",
                             write_segments=args.write_segments,
-                            progress=progress_printer() if args.progress else None)
-    except (DataError, FileNotFoundError, KeyError, ValueError) as e:
+                            progress=bar)
+    except (DataError, OSError, KeyError, ValueError, RuntimeError) as e:
+        if bar is not None:
+            bar.close()
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"\nerror: {msg}", file=sys.stderr)
+        print(f"error: {str(msg).splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
         return 2
     for line in report.skipped[:20]:
         print(f"skipped {line}", file=sys.stderr)

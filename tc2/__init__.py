@@ -1,10 +1,16 @@
 """tc2: TeleChat2 as pure functions over MindSpore ops. The public API, re-exported."""
 from .cache import init_cache
+from .chat import render_chat, render_chat_text
+from .checkpoint import load_hf, save_hf
 from .config import ModelConfig, telechat2_7b, telechat2_35b, telechat2_115b, tiny
+from .data import PackConfig, pack_examples, preprocess, read_examples
 from .model import (ParamSpec, count_params, cross_entropy_sum, forward, init_params, jit_forward,
                     loss_fn, param_specs)
-from .checkpoint import load_hf, save_hf
+from .records import BatchIterator, read_mindrecord, write_mindrecord
+from .tokenizer import Tokenizer, train_tokenizer
 
 __all__ = ["ModelConfig", "telechat2_7b", "telechat2_35b", "telechat2_115b", "tiny", "ParamSpec",
            "param_specs", "count_params", "init_params", "forward", "jit_forward", "loss_fn",
-           "cross_entropy_sum", "init_cache", "load_hf", "save_hf"]
+           "cross_entropy_sum", "init_cache", "load_hf", "save_hf", "Tokenizer", "train_tokenizer",
+           "render_chat", "render_chat_text", "read_examples", "pack_examples", "PackConfig",
+           "preprocess", "read_mindrecord", "write_mindrecord", "BatchIterator"]
