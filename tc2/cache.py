@@ -27,7 +27,11 @@ def init_cache(cfg, batch: int, max_len: int, dtype=None) -> dict:
 
 
 def cache_slots(length, new_len: int, max_len: int):
-    """For each slot s of each row: which new token lands there (idx [B, Tmax]) and whether one does."""
+    """For each slot s of each row: which new token lands there (idx [B, Tmax]) and whether one does.
+
+    Tokens that would land past Tmax are dropped: graph mode cannot raise on tensor values, so
+    callers size the cache up front (tc2.generate checks prompt + budget <= max_len on the host).
+    """
     idx = ops.arange(max_len, dtype=ms.int32).expand_dims(0) - length.expand_dims(1)   # [B, Tmax]
     hit = ops.logical_and(idx >= 0, idx < new_len)
     return ops.clip(idx, 0, new_len - 1), hit

@@ -111,13 +111,15 @@ def _block(p, x, cos, sin, positions, cfg: ModelConfig, kv_cache, segment_ids):
 
 
 def forward(params, tokens, cfg: ModelConfig, *, positions=None, cache=None, segment_ids=None,
-            seq_len=None):
+            seq_len=None, last_only: bool = False):
     """tokens int32 [B, T] -> (logits [B, T, V] in the compute dtype, new cache or None).
 
     positions [B, T]: absolute positions (default: arange, after the cache's contents); a
     token with position PAD_POS is padding that no one attends to. segment_ids [B, T]: when
     given, attention stops at segment borders (document masking of packed rows).
     seq_len [B]: the total length L for dynamic NTK; default max(valid positions) + 1 per row.
+    last_only: logits for the last position only ([B, 1, V]): a prefill needs no more, and
+    the lm_head over every prompt position is ~40% of a long prefill's FLOPs.
     """
     B, T = tokens.shape
     if positions is None:
@@ -139,6 +141,8 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, cache=None, seg
         kv_cache = None if cache is None else (cache["k"][i], cache["v"][i], idx, hit, kv_pos)
         x, (k, v) = _block(params["layers"][i], x, cos, sin, positions, cfg, kv_cache, segment_ids)
         new_k, new_v = new_k + (k,), new_v + (v,)
+    if last_only:
+        x = x[:, -1:]                                                                    # [B, 1, H]
     x = rms_norm(x, params["ln_f"], cfg.layer_norm_epsilon).astype(_compute_dtype(cfg))
     logits = linear(x, params["lm_head"])                                               # [B, T, V]
     if cache is None:

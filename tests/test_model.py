@@ -181,3 +181,11 @@ def test_cross_entropy_gradient_in_graph_mode_vs_reference():
     assert loss.asnumpy() == pytest.approx(want_loss, rel=1e-5)
     np.testing.assert_allclose(grad.asnumpy(), want_grad, rtol=1e-4, atol=1e-6)
     assert np.all(grad.asnumpy()[[1, 4]] == 0)
+
+
+def test_last_only_gives_the_last_position_of_the_full_forward(params):
+    toks = ms.Tensor(_tokens(2, 9))
+    full, _ = forward(params, toks, CFG)
+    last, _ = forward(params, toks, CFG, last_only=True)
+    assert last.shape == (2, 1, CFG.vocab_size)
+    np.testing.assert_allclose(last.asnumpy()[:, 0], full.asnumpy()[:, -1], rtol=1e-5, atol=1e-6)
