@@ -1,23 +1,26 @@
 """Official Hugging Face TeleChat2 directories: config.json + (sharded) safetensors.
 
 The tc2 parameter tree keeps HF orientation and the interleaved key_value layout, so this is
-a rename plus checks: every mismatch names the tensor, and a save never leaves a directory
-half-written (each file goes through a temp name; stale shards are removed only at the end).
+a rename plus checks: every mismatch names the tensor. Reads and writes go one tensor at a time
+through `tc2.safetensors_io` (a save never holds the model's encoded bytes), and a save never
+leaves a directory half-written: `StagedDir` writes each file under a temp name, renames them
+in together and only then removes stale shards. `tc2.convert` writes HF and tensor-parallel
+directories with the same two pieces.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
 
 from .config import ModelConfig
 from .model import param_specs
-from .safetensors_io import (encode_tensor, open_safetensors, parse_size, plan_shards, read_header,
-                             write_safetensors)
+from .safetensors_io import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, parse_size,
+                             plan_shards, read_header)
 from .tree import tree_flatten_with_names, tree_unflatten_from_names
 
 _LAYER = {
@@ -99,11 +102,11 @@ def iter_hf_tensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
     for name, file in hf_tensor_files(path).items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with open_safetensors(file) as (header, get):
+        with SafetensorsFile(file) as f:
             for name in names:
-                if name not in header:
+                if name not in f.header:
                     raise KeyError(f"{file}: index lists tensor {name}, but the file does not hold it")
-                yield name, get(name)
+                yield name, f.get(name)
 
 
 def load_hf(path: str, *, dtype=ms.float32, **config_overrides):
@@ -118,7 +121,7 @@ def load_hf(path: str, *, dtype=ms.float32, **config_overrides):
             shapes[name] = meta["shape"]
     check_hf_layout(cfg, {n: shapes.get(n, ()) for n in files}, path)
     tc2_of = {h: n for h, (_, n) in hf_shapes(cfg).items()}
-    flat = {tc2_of[n]: ms.Tensor(a.astype(np.float32)).astype(dtype) for n, a in iter_hf_tensors(path)}
+    flat = {tc2_of[n]: ms.Tensor(a.astype(np.float32, copy=False)).astype(dtype) for n, a in iter_hf_tensors(path)}
     return tree_unflatten_from_names(param_specs(cfg), flat), cfg
 
 
@@ -132,70 +135,139 @@ def hf_arrays(params, cfg: ModelConfig) -> Iterator[Tuple[str, np.ndarray]]:
 
 def save_hf(params, cfg: ModelConfig, path: str, *, dtype: str = "float32", max_shard_size=None) -> None:
     """Write config.json + model.safetensors (or shards + index) loadable by the official code."""
-    write_hf_dir(hf_arrays(params, cfg), cfg, path, dtype=dtype, max_shard_size=max_shard_size,
-                 sizes=[(hf_name(n), int(np.prod(t.shape)) * _itemsize(dtype))
-                        for n, t in tree_flatten_with_names(params).items()])
-
-
-def _itemsize(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
+    write_hf_dir(hf_arrays(params, cfg), cfg, path, dtype=dtype, max_shard_size=max_shard_size)
 
 
 def write_hf_dir(arrays: Iterator[Tuple[str, np.ndarray]], cfg: ModelConfig, path: str, *,
                  dtype: str = "float32", max_shard_size=None, sizes=None) -> None:
     """Stream (name, array) pairs into an HF directory; shards of at most max_shard_size bytes.
 
-    With sharding, `sizes` [(name, nbytes)] (in the order `arrays` yields) plans the files up
-    front, so only one shard's tensors are ever held in memory.
+    `arrays` yields cfg's tensors in `hf_shapes(cfg)` order, or in the order of `sizes`
+    [(name, nbytes)] when given (only that order is used: shapes and sizes come from cfg).
     """
-    os.makedirs(path, exist_ok=True)
+    def with_dtypes():
+        for name, a in arrays:
+            a = np.asarray(a)
+            yield name, a, a.dtype.name
+    write_hf_tensors(with_dtypes(), cfg, path, dtype=dtype, max_shard_size=max_shard_size,
+                     order=None if sizes is None else [n for n, _ in sizes])
+
+
+def write_hf_tensors(tensors: Iterable[Tuple[str, np.ndarray, str]], cfg: ModelConfig, path: str, *,
+                     dtype: str = "float32", max_shard_size=None, order: Optional[Sequence[str]] = None,
+                     on_tensor=None) -> None:
+    """Stream (hf name, raw array, its dtype name; bfloat16 as uint16 bits) into an HF directory.
+
+    The tensors are cfg's, in `order` (default `hf_shapes(cfg)` order): the shard plan and every
+    file's header are fixed up front, so each tensor is written as it arrives and dropped.
+    One shard (no `max_shard_size`, or all fits) is model.safetensors without an index, as HF
+    writes it. `on_tensor(name, stored nbytes)` is called after each tensor (progress).
+    """
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
+    shapes = {n: shape for n, (shape, _) in hf_shapes(cfg).items()}
+    names = list(shapes) if order is None else list(order)
+    if sorted(names) != sorted(shapes):
+        odd = sorted(set(names) ^ set(shapes)) or ["(a name listed twice)"]
+        raise KeyError(f"{path}: the tensor order does not list the tensors of the config: {odd[0]}")
+    sizes = {n: nbytes(shapes[n], dtype) for n in names}
     limit = parse_size(max_shard_size)
-    groups = plan_shards(sizes, limit) if limit else None
-    written, weight_map, total = [], {}, 0
-    try:
-        if groups is None:
-            tensors = {n: encode_tensor(a, dtype) for n, a in arrays}
-            total = sum(t.nbytes for t in tensors.values())
-            _write(os.path.join(path, SINGLE), tensors, written)
-            files = [SINGLE]
-        else:
-            files = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-            it = iter(arrays)
-            for file, names in zip(files, groups):
-                tensors = {}
-                for expected in names:
-                    n, a = next(it)
-                    assert n == expected, f"sizes order {expected} != arrays order {n}"
-                    tensors[n] = encode_tensor(a, dtype)
-                    weight_map[n] = file
-                total += sum(t.nbytes for t in tensors.values())
-                _write(os.path.join(path, file), tensors, written)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            _write_json(os.path.join(path, INDEX), index, written)
-        _write_json(os.path.join(path, "config.json"), {**cfg.to_hf(), "torch_dtype": dtype}, written)
-    except BaseException:
-        for tmp, _ in written:
+    groups = plan_shards([(n, sizes[n]) for n in names], limit) if limit else [names]
+    files = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                                                for i in range(len(groups))]
+    it = iter(tensors)
+    with StagedDir(path) as stage:
+        weight_map = {}
+        for file, group in zip(files, groups):
+            with SafetensorsWriter(stage.file(file), [(n, shapes[n], dtype) for n in group]) as w:
+                for want in group:
+                    name, raw, src = next(it, (None, None, None))
+                    if name != want:
+                        raise ValueError(f"{path}: expected tensor {want} next, got "
+                                         f"{'the end of the tensors' if name is None else name}")
+                    if tuple(raw.shape) != tuple(shapes[name]):
+                        raise ValueError(f"{path}: tensor {name} has shape {tuple(raw.shape)}, but the config "
+                                         f"implies {tuple(shapes[name])}")
+                    w.write(name, raw, src)
+                    del raw
+                    weight_map[name] = file
+                    if on_tensor is not None:
+                        on_tensor(name, sizes[name])
+        extra = next(it, None)
+        if extra is not None:
+            raise ValueError(f"{path}: unexpected tensor {extra[0]} after the {len(names)} of the config")
+        if len(files) > 1:
+            stage.json(INDEX, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+        stage.json("config.json", {**cfg.to_hf(), "torch_dtype": dtype})
+        stage.commit(stale=[f for f in stage.existing() if f == INDEX or
+                            (f.startswith("model") and f.endswith(".safetensors"))])
+
+
+class StagedDir:
+    """Output files of one directory that appear together or not at all.
+
+    Every file goes under `<file>.partial-<pid>` (`file(rel)` gives that name) and is renamed in
+    at `commit`, after which `stale` files (e.g. left by an older, differently sharded save)
+    are removed. `abort` removes the temporaries and the directories this created, so a failed
+    write leaves `dest` as it was (or absent). As a context manager, leaving without `commit`
+    (an exception) aborts.
+    """
+
+    def __init__(self, dest: str):
+        if os.path.exists(dest) and not os.path.isdir(dest):
+            raise NotADirectoryError(f"{dest} exists and is not a directory")
+        self.dest = str(dest)
+        self._files: List[Tuple[str, str]] = []
+        self._dirs: List[str] = []                   # created here, parents first
+        self._makedirs(self.dest)
+
+    def existing(self) -> List[str]:
+        """The names in `dest` other than this stage's temporaries."""
+        return sorted(set(os.listdir(self.dest)) - {os.path.basename(t) for t, _ in self._files})
+
+    def file(self, rel: str) -> str:
+        """The temporary path to write `dest/rel` under."""
+        final = os.path.join(self.dest, rel)
+        self._makedirs(os.path.dirname(final))
+        tmp = f"{final}.partial-{os.getpid()}"
+        self._files.append((tmp, final))
+        return tmp
+
+    def _makedirs(self, d: str) -> None:
+        missing = []
+        while d and not os.path.isdir(d):
+            missing.append(d)
+            d = os.path.dirname(d)
+        for d in reversed(missing):
+            os.mkdir(d)
+            self._dirs.append(d)
+
+    def json(self, rel: str, obj) -> None:
+        with open(self.file(rel), "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+    def commit(self, stale: Iterable[str] = ()) -> None:
+        """Rename every file in; then remove `stale` (paths relative to dest) not just written."""
+        for tmp, final in self._files:
+            os.replace(tmp, final)
+        written = {os.path.normpath(final) for _, final in self._files}
+        for rel in stale:
+            p = os.path.normpath(os.path.join(self.dest, rel))
+            if p not in written and os.path.exists(p):
+                os.remove(p)
+        self._files, self._dirs = [], []
+
+    def abort(self) -> None:
+        for tmp, _ in self._files:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        raise
-    for tmp, final in written:                       # everything is on disk: now swap it in
-        os.replace(tmp, final)
-    stale = set(glob.glob(os.path.join(path, "model*.safetensors"))) - {os.path.join(path, f) for f in files}
-    if groups is None and os.path.exists(os.path.join(path, INDEX)):
-        stale.add(os.path.join(path, INDEX))
-    for p in stale:
-        os.remove(p)
+        for d in reversed(self._dirs):
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
 
+    def __enter__(self):
+        return self
 
-def _write(final: str, tensors: dict, written: list) -> None:
-    tmp = f"{final}.partial-{os.getpid()}"
-    write_safetensors(tmp, tensors)
-    written.append((tmp, final))
-
-
-def _write_json(final: str, obj, written: list) -> None:
-    tmp = f"{final}.partial-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    written.append((tmp, final))
+    def __exit__(self, *exc):
+        self.abort()                                  # a no-op after commit

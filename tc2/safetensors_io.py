@@ -1,8 +1,20 @@
-"""Safetensors files tensor by tensor, bfloat16 through float32, and atomic writes.
+"""Safetensors files read and written one tensor at a time; raw dtypes; atomic single files.
 
-Reading goes through `safe_open` (memory-mapped, one tensor at a time) so a converter never
-holds a whole checkpoint twice. bfloat16 is converted with explicit bit arithmetic rather than
-relying on a numpy bfloat16 dtype, which exists only when MindSpore registered one.
+The one safetensors reader and writer of tc2 (HF directories, conversions, training and
+tensor-parallel checkpoints all go through it), so peak memory is about the largest tensor:
+
+- `SafetensorsFile` parses and checks the header, then reads each tensor with `readinto` into
+  a fresh array. A memory map (`safetensors.safe_open`) would do no copy, but every page it
+  touches counts toward the process's resident memory until the file is closed, so reading a
+  whole checkpoint that way costs the checkpoint size again.
+- `SafetensorsWriter` writes the header first (shapes are known up front), then each tensor in
+  header order, converting dtypes in 16 MB blocks. `safetensors.serialize_file` needs every
+  tensor's buffer at once; one writer for small and big files keeps one code path to test.
+
+Arrays travel "raw": as stored, bfloat16 as uint16 bit patterns next to a dtype name
+("float32", "bfloat16", ...). bfloat16 is converted with explicit bit arithmetic through
+float32 rather than a numpy bfloat16 dtype, which exists only when MindSpore registered one.
+The `.ckpt` writer (`tc2.ms_ckpt`) shares these conversions.
 """
 from __future__ import annotations
 
@@ -10,12 +22,27 @@ import json
 import os
 import struct
 from contextlib import contextmanager
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
-from safetensors import SafetensorError, TensorSpec, safe_open, serialize_file
 
-_ST_DTYPES = ("float32", "float16", "bfloat16")
+# ---- raw dtypes -----------------------------------------------------------------------------
+ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+             "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+             "U8": "uint8", "BOOL": "bool"}
+_ST_CODE = {v: k for k, v in ST_DTYPES.items()}
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+BLOCK_ELEMS = 1 << 22                                  # 16 MB of float32 per conversion block
+
+
+def np_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype a raw array of `dtype` has (bfloat16 -> uint16 bits)."""
+    return np.dtype(np.uint16 if dtype == "bfloat16" else dtype)
+
+
+def nbytes(shape: Sequence[int], dtype: str) -> int:
+    """Bytes of an array of `shape` stored as `dtype`."""
+    return int(np.prod(shape, dtype=np.int64)) * np_dtype(dtype).itemsize
 
 
 def bf16_bits_from_f32(a: np.ndarray) -> np.ndarray:
@@ -29,85 +56,239 @@ def f32_from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def read_header(path: str) -> dict:
-    """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}}."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError(f"{path}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", raw)
-            size = os.fstat(f.fileno()).st_size
-            if n > size - 8:
-                raise ValueError(f"{path}: corrupt safetensors header (length {n} > file size {size})")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"safetensors file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise ValueError(f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end})")
-    return header
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """A raw array as float32 (bfloat16 decoded from its bits; float32 returned as is)."""
+    return f32_from_bf16_bits(raw) if dtype == "bfloat16" else raw.astype(np.float32, copy=False)
 
 
-@contextmanager
-def open_safetensors(path: str):
-    """A reader whose `get(name)` returns a float32/float16/... numpy array (bf16 -> float32)."""
-    header = read_header(path)
-    try:
-        f = safe_open(path, framework="numpy")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: cannot read safetensors ({e})") from None
+def encoded_blocks(raw: np.ndarray, src: str, dst: str, start: int = 0, stop: Optional[int] = None):
+    """Contiguous 1-D blocks of `raw.reshape(-1)[start:stop]` (raw `src`) stored as `dst`.
 
-    def get(name: str) -> np.ndarray:
-        if header[name]["dtype"] == "BF16":
-            return f32_from_bf16_bits(_raw_bits(path, header, name))
-        try:
-            return f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: cannot read tensor {name!r} ({e})") from None
-
-    try:
-        yield header, get
-    finally:
-        del f
-
-
-def _raw_bits(path: str, header: dict, name: str) -> np.ndarray:
-    """A bf16 tensor's uint16 bit patterns straight from the file (memory-mapped)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-    start, end = header[name]["data_offsets"]
-    shape = tuple(header[name]["shape"])
-    mm = np.memmap(path, dtype=np.uint16, mode="r", offset=8 + n + start, shape=((end - start) // 2,))
-    return np.array(mm).reshape(shape)
+    Converting block by block keeps the temporaries of a dtype change at ~16 MB whatever the
+    tensor size; a same-dtype copy yields views of `raw` and allocates nothing.
+    """
+    if src != dst and dst not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dst!r}")
+    flat = np.ascontiguousarray(raw).reshape(-1)
+    stop = flat.size if stop is None else stop
+    for i in range(start, stop, BLOCK_ELEMS):
+        block = flat[i:min(i + BLOCK_ELEMS, stop)]
+        if src == dst:
+            yield block
+        elif dst == "bfloat16":
+            yield bf16_bits_from_f32(to_float32(block, src))
+        elif src == "bfloat16":
+            yield to_float32(block, src).astype(dst)
+        else:
+            yield block.astype(dst)
 
 
 def encode_tensor(a: np.ndarray, dtype: str) -> np.ndarray:
     """`a` converted for storage as `dtype`: a contiguous array (bf16 as uint16 bit patterns)."""
-    if dtype not in _ST_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_ST_DTYPES)}, got {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}")
     if dtype == "bfloat16":
         return bf16_bits_from_f32(np.asarray(a, dtype=np.float32))
     return np.ascontiguousarray(np.asarray(a).astype(dtype))
 
 
-def write_safetensors(path: str, arrays: Dict[str, np.ndarray], metadata=None) -> None:
-    """Write `encode_tensor` outputs to `path` via a temp file + rename (never half-written)."""
-    specs = {n: TensorSpec(dtype="bfloat16" if a.dtype == np.uint16 else a.dtype.name,
-                           shape=list(a.shape), data_ptr=a.ctypes.data, data_len=a.nbytes)
-             for n, a in arrays.items()}                     # `arrays` keeps the buffers alive
-    tmp = f"{path}.tmp-{os.getpid()}"
+@contextmanager
+def atomic_file(path: str):
+    """Yield a temporary name next to `path`; renamed to `path` only if the block succeeds."""
+    tmp = f"{path}.partial-{os.getpid()}"
     try:
-        serialize_file(specs, tmp, metadata=metadata or {"format": "pt"})
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+# ---- reading --------------------------------------------------------------------------------
+def _parse_header(f, path: str) -> Tuple[dict, dict, int]:
+    """(tensors, __metadata__, byte offset of the data) of the open file `f`, every entry
+    checked against its shape and the file size."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise ValueError(f"{path}: truncated safetensors file (no header)")
+    (n,) = struct.unpack("<Q", raw)
+    size = os.fstat(f.fileno()).st_size
+    if n > size - 8:
+        raise ValueError(f"{path}: corrupt safetensors header (length {n} > file size {size})")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    end = 0
+    for name, meta in header.items():
+        try:
+            dtype, shape, (start, stop) = meta["dtype"], meta["shape"], meta["data_offsets"]
+            ok = (isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape) and
+                  isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop)
+        except (TypeError, ValueError, KeyError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{path}: corrupt safetensors header (entry {name!r}: {meta!r})")
+        if dtype in ST_DTYPES:
+            want = nbytes(shape, ST_DTYPES[dtype])
+            if stop - start != want:
+                raise ValueError(f"{path}: corrupt safetensors header (tensor {name} has {stop - start} "
+                                 f"bytes for shape {tuple(shape)} {dtype})")
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end})")
+    return header, metadata, 8 + n
+
+
+def read_header(path: str) -> dict:
+    """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}}."""
+    try:
+        with open(path, "rb") as f:
+            return _parse_header(f, path)[0]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"safetensors file not found: {path}") from None
+
+
+class SafetensorsFile:
+    """One safetensors file: header parsed and checked, tensors read one at a time.
+
+    `read(name)` gives the raw array (bfloat16 as uint16 bits), `get(name)` a usable one
+    (bfloat16 decoded to float32). Use as a context manager or call `close()`.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._f = open(path, "rb")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"safetensors file not found: {path}") from None
+        try:
+            self.header, self.metadata, self._data = _parse_header(self._f, path)
+        except BaseException:
+            self._f.close()
+            raise
+
+    def shape_dtype(self, name: str) -> Tuple[Tuple[int, ...], str]:
+        """(shape, dtype name) of tensor `name`."""
+        if name not in self.header:
+            raise KeyError(f"{self.path}: no tensor {name}")
+        meta = self.header[name]
+        if meta["dtype"] not in ST_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name} is {meta['dtype']}, which tc2 does not read")
+        return tuple(meta["shape"]), ST_DTYPES[meta["dtype"]]
+
+    def read(self, name: str, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Tensor `name` raw, read into `out` if given (C-contiguous, of the right size)."""
+        shape, dtype = self.shape_dtype(name)
+        start, end = self.header[name]["data_offsets"]
+        if out is None:
+            out = np.empty(shape, np_dtype(dtype))
+        if out.nbytes != end - start or not out.flags.c_contiguous:
+            raise ValueError(f"{self.path}: tensor {name} ({end - start} bytes, {shape} {dtype}) does not "
+                             f"fit the given {out.shape} {out.dtype} buffer")
+        self._f.seek(self._data + start)
+        if self._f.readinto(memoryview(out.reshape(-1)).cast("B")) != end - start:
+            raise ValueError(f"{self.path}: truncated while reading tensor {name}")
+        return out
+
+    def get(self, name: str) -> np.ndarray:
+        """Tensor `name` as numpy: its stored dtype, except bfloat16 -> float32."""
+        raw = self.read(name)
+        return f32_from_bf16_bits(raw) if self.header[name]["dtype"] == "BF16" else raw
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@contextmanager
+def open_safetensors(path: str):
+    """A reader whose `get(name)` returns a float32/float16/... numpy array (bf16 -> float32)."""
+    with SafetensorsFile(path) as f:
+        yield f.header, f.get
+
+
+# ---- writing --------------------------------------------------------------------------------
+class SafetensorsWriter:
+    """One safetensors file written header first, then tensor by tensor in header order.
+
+    `entries`: [(name, shape, stored dtype name)]. Writes go straight to `path`: wrap it in
+    `atomic_file` or a staged directory (`tc2.checkpoint.StagedDir`) so a failure leaves
+    nothing behind. As a context manager it closes (checking completeness) or aborts.
+    """
+
+    def __init__(self, path: str, entries: Iterable[Tuple[str, Sequence[int], str]], *, metadata=None):
+        self.path, self._entries = path, [(n, tuple(int(d) for d in s), dt) for n, s, dt in entries]
+        meta = dict(metadata) if metadata else {"format": "pt"}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise ValueError(f"{path}: safetensors metadata must map str to str, got {meta!r}")
+        header, off = {"__metadata__": meta}, 0
+        for name, shape, dtype in self._entries:
+            if dtype not in _ST_CODE:
+                raise ValueError(f"{path}: tensor {name}: dtype must be one of {sorted(_ST_CODE)}, got {dtype!r}")
+            if name in header:
+                raise ValueError(f"{path}: tensor {name} listed twice")
+            n = nbytes(shape, dtype)
+            header[name] = {"dtype": _ST_CODE[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        self.nbytes = off
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, raw: np.ndarray, src: Optional[str] = None) -> None:
+        """Append tensor `name` (the next one of the header): `raw` of dtype `src` (default:
+        the stored dtype), converted block by block."""
+        if self._next >= len(self._entries):
+            raise ValueError(f"{self.path}: tensor {name} is not in the header (all "
+                             f"{len(self._entries)} tensors already written)")
+        want, shape, dtype = self._entries[self._next]
+        if name != want:
+            raise ValueError(f"{self.path}: tensors must come in header order: expected {want}, got {name}")
+        if tuple(raw.shape) != shape:
+            raise ValueError(f"{self.path}: tensor {name} has shape {tuple(raw.shape)}, header says {shape}")
+        for block in encoded_blocks(raw, src or dtype, dtype):
+            self._f.write(memoryview(block).cast("B"))
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file; it must hold every tensor of its header."""
+        self._f.close()
+        if self._next != len(self._entries):
+            raise RuntimeError(f"{self.path}: only {self._next}/{len(self._entries)} tensors written")
+
+    def abort(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_safetensors(path: str, arrays: Dict[str, np.ndarray], metadata=None) -> None:
+    """Write `encode_tensor` outputs (uint16 = bfloat16 bits) to `path`, never half-written."""
+    entries = [(n, a.shape, "bfloat16" if a.dtype == np.uint16 else a.dtype.name) for n, a in arrays.items()]
+    with atomic_file(path) as tmp, SafetensorsWriter(tmp, entries, metadata=metadata) as w:
+        for n, a in arrays.items():
+            w.write(n, a)
+
+
+# ---- sharding -------------------------------------------------------------------------------
 def plan_shards(sizes: Iterable[Tuple[str, int]], max_shard_bytes) -> list:
     """Split (name, nbytes) in order into groups of at most max_shard_bytes (one big tensor alone)."""
     shards, cur, cur_bytes = [], [], 0

@@ -207,3 +207,167 @@ def test_names_helper():
     assert hf_name("layers.3.query") == "transformer.h.3.self_attention.query.weight"
     assert hf_name("word_embeddings") == "transformer.word_embeddings.weight"
     assert hf_name("lm_head") == "lm_head.weight"
+
+
+# ---- peak memory: save_hf / load_hf of a ~330 MB checkpoint in a fresh process ----------------------
+BIG = tc2.ModelConfig(vocab_size=32000, hidden_size=1024, n_layer=2, n_head=16, num_key_value_heads=4,
+                      ffn_hidden_size=2048)
+RSS_SCRIPT = """
+import json, sys
+from tc2.checkpoint import hf_arrays, load_hf, save_hf
+from tc2.safetensors_io import encode_tensor
+
+def high_water():                 # this process's own peak RSS (bytes); ru_maxrss inherits the parent's
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+
+def reset_high_water():           # Linux: VmHWM := current RSS
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+src, dest = sys.argv[1], sys.argv[2]
+reset_high_water()
+base = high_water()
+params, cfg = load_hf(src)
+out = {"load": high_water() - base}
+for dtype in ("float32", "bfloat16"):
+    reset_high_water()
+    base = high_water()
+    save_hf(params, cfg, dest + "-" + dtype, dtype=dtype)
+    out["save " + dtype] = high_water() - base
+reset_high_water()
+base = high_water()
+held = [encode_tensor(a, "float32") for _, a in hf_arrays(params, cfg)]    # what a non-streaming save holds
+out["control"] = high_water() - base
+print(json.dumps(out))
+"""
+
+
+def test_save_and_load_hold_one_tensor_at_a_time(tmp_path):
+    """load_hf holds the params plus about one tensor (no memory map whose pages stay resident),
+    save_hf about one tensor (header first, then tensor by tensor), whatever the dtype."""
+    import subprocess
+    import sys
+    from safetensors.numpy import save_file
+    try:
+        open("/proc/self/clear_refs", "w").close()
+    except OSError as e:
+        pytest.skip(f"cannot reset the peak-RSS counter here ({e})")
+    rng = np.random.default_rng(0)
+    tensors = {n: rng.random(shape, dtype=np.float32) for n, (shape, _) in hf_shapes(BIG).items()}
+    src = tmp_path / "big"
+    src.mkdir()
+    save_file(tensors, str(src / SINGLE), metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps(BIG.to_hf()))
+    model, largest = sum(a.nbytes for a in tensors.values()), max(a.nbytes for a in tensors.values())
+    del tensors
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(src), str(tmp_path / "out")],
+                         env={**os.environ, "PYTHONPATH": root, "GLOG_v": "3"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = json.loads(out.stdout.strip().splitlines()[-1])
+    report = ", ".join(f"{k}: +{v / 1e6:.0f} MB" for k, v in peak.items())
+    print(f"\nmodel {model / 1e6:.0f} MB, largest tensor {largest / 1e6:.0f} MB; {report}")
+    assert peak["load"] <= model + largest + 100e6, report
+    assert peak["save float32"] <= largest + 50e6 and peak["save bfloat16"] <= largest + 50e6, report
+    assert peak["control"] > largest + 50e6, report          # the instrument sees a whole-model save
+    assert load_hf(str(tmp_path / "out-float32"))[1] == BIG
+
+
+# ---- the one safetensors reader / writer -------------------------------------------------------------
+
+def test_written_files_match_the_safetensors_library_for_every_dtype(tmp_path):
+    """write_safetensors (header first, tensor by tensor) read back by the reference library,
+    and files the library writes read back by ours: values, dtypes, shapes and metadata."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    from tc2.safetensors_io import SafetensorsFile, encode_tensor
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 7)).astype(np.float32)
+    arrays = {"f32": x, "f16": x.astype(np.float16), "f64": x.astype(np.float64), "bf16": encode_tensor(x, "bfloat16"),
+              "i32": rng.integers(-9, 9, (3, 4)).astype(np.int32), "i64": np.arange(6, dtype=np.int64),
+              "u8": np.arange(4, dtype=np.uint8), "flag": np.array([True, False]),
+              "scalar": np.array(2.5, np.float32), "empty": np.zeros((0, 3), np.float32)}
+    ours = str(tmp_path / "ours.safetensors")
+    write_safetensors(ours, arrays, metadata={"format": "tc2-test", "step": "7"})
+    assert os.listdir(tmp_path) == ["ours.safetensors"]
+    with safe_open(ours, framework="numpy") as f:
+        assert f.metadata() == {"format": "tc2-test", "step": "7"}
+        for n, a in arrays.items():
+            got = f.get_tensor(n)
+            if n == "bf16":           # the library gives no numpy bfloat16: compare the bits
+                assert got.shape == a.shape
+                continue
+            assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a), n
+    theirs = str(tmp_path / "theirs.safetensors")
+    save_file({n: a for n, a in arrays.items() if n != "bf16"}, theirs, metadata={"k": "v"})
+    for path in (ours, theirs):
+        with SafetensorsFile(path) as f:
+            for n in f.header:
+                got, want = f.read(n), arrays[n]
+                assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), n
+            assert f.shape_dtype("i32") == ((3, 4), "int32")
+    with SafetensorsFile(ours) as f:
+        assert f.metadata["step"] == "7" and f.header["bf16"]["dtype"] == "BF16"
+        np.testing.assert_array_equal(f.get("bf16"), f32_from_bf16_bits(arrays["bf16"]))
+
+
+def test_writer_refuses_out_of_order_misshaped_and_missing_tensors(tmp_path):
+    from tc2.safetensors_io import SafetensorsWriter
+    path = str(tmp_path / "w.safetensors")
+    entries = [("a", (2, 3), "float32"), ("b", (4,), "bfloat16")]
+    with pytest.raises(ValueError, match="expected a, got b"):
+        with SafetensorsWriter(path, entries) as w:
+            w.write("b", np.zeros(4, np.float32), "float32")
+    with pytest.raises(ValueError, match=r"tensor a has shape \(3, 2\), header says \(2, 3\)"):
+        with SafetensorsWriter(path, entries) as w:
+            w.write("a", np.zeros((3, 2), np.float32))
+    with pytest.raises(RuntimeError, match="only 1/2 tensors written"):
+        with SafetensorsWriter(path, entries) as w:
+            w.write("a", np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        SafetensorsWriter(path, [("a", (2,), "float8")])
+
+
+def test_header_entry_disagreeing_with_its_shape_is_corrupt(params, tmp_path):
+    path = _saved(params, tmp_path)
+    data = (path / SINGLE).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["transformer.ln_f.weight"]["shape"] = [CFG.hidden_size * 2]       # bytes for half of it
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (path / SINGLE).write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    with pytest.raises(ValueError, match=r"model\.safetensors: corrupt .*transformer\.ln_f\.weight"):
+        load_hf(str(path))
+
+
+def test_failed_save_into_a_new_path_leaves_nothing(params, tmp_path):
+    bad = dict(params)
+    bad["ln_f"] = ms.Tensor(np.ones(CFG.hidden_size + 1, np.float32))
+    with pytest.raises(ValueError, match="transformer.ln_f.weight"):
+        save_hf(bad, CFG, tmp_path / "new", max_shard_size="60KB")
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_hf_dir_follows_sizes_order_and_rejects_a_wrong_stream(params, tmp_path):
+    from tc2 import checkpoint as ck
+    pairs = list(ck.hf_arrays(params, CFG))[::-1]                        # any order, announced by sizes
+    ck.write_hf_dir(iter(pairs), CFG, str(tmp_path / "rev"), sizes=[(n, a.nbytes) for n, a in pairs],
+                    max_shard_size="60KB")
+    _assert_same(params, load_hf(str(tmp_path / "rev"))[0])
+    first, last = list(hf_shapes(CFG))[0], list(hf_shapes(CFG))[-1]
+    with pytest.raises(ValueError, match=f"expected tensor {first} next, got {last}".replace(".", r"\.")):
+        ck.write_hf_dir(iter(pairs), CFG, str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="expected tensor .* next, got the end of the tensors"):
+        ck.write_hf_dir(iter(list(ck.hf_arrays(params, CFG))[:-1]), CFG, str(tmp_path / "bad"))
+    assert sorted(os.listdir(tmp_path)) == ["rev"]
+
+
+def test_a_shard_limit_above_the_model_size_writes_one_plain_file(params, tmp_path):
+    """As HF's save_pretrained: one shard is model.safetensors, without an index."""
+    save_hf(params, CFG, tmp_path / "m", max_shard_size="60KB")
+    save_hf(params, CFG, tmp_path / "m", max_shard_size="10GB")
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", SINGLE]
+    _assert_same(params, load_hf(str(tmp_path / "m"))[0])
