@@ -1,0 +1,161 @@
+"""msrun worker for tests/dist/test_spmd.py: `msrun ... spmd_worker.py OUT_DIR CASES`.
+
+Every rank computes the single-process reference itself (tiny model, same seed), runs the
+requested SPMD cases on its shard and saves raw results to OUT_DIR/rank{r}.npz; the pytest
+side does all comparisons. Cases (each builds its own mesh over all workers):
+  dp    Mesh(dp=N): two train steps on global batches == tc2.train.train_step
+  tp    Mesh(tp=N): gathered logits, loss and gradients; one train step; per-rank checkpoint,
+        merged by rank 0 into an HF directory and loaded back
+  cp    Mesh(cp=N): ring attention through the all-reduce rotation: logits, loss, gradients
+  tpcp  Mesh(tp=2, cp=N/2): one train step
+"""
+import os
+import sys
+
+import mindspore as ms
+import numpy as np
+
+from tc2.checkpoint import load_hf
+from tc2.config import tiny
+from tc2.model import cross_entropy_sum, forward, init_params
+from tc2.optim import adamw, chain, clip_by_global_norm
+from tc2.parallel import gather_logits, shard_batch, spmd_context, spmd_forward, spmd_loss_sums
+from tc2.parallel_train import barrier, merge_checkpoint, reduce_gradients, save_checkpoint, spmd_train_step
+from tc2.sharding import Mesh, shard_params
+from tc2.train import init_train_state, train_step
+from tc2.tree import tree_flatten_with_names
+
+# training_seqlen 16 < T: dynamic NTK and mscale are on, so global positions/length matter
+CFG = tiny(n_layer=2, n_head=4, num_key_value_heads=2, training_seqlen=16, base_seqlen=16, seq_length=16)
+B, T = 2, 27                      # 27 splits into no chunk count evenly: zigzag padding is exercised
+CLIP = 0.05                       # small enough that clipping is active
+KEYS = ("tokens", "labels", "positions", "segment_ids", "seq_len")
+
+
+def optimizer():
+    # eps large enough that the first AdamW step is not sign(g) for near-zero gradients
+    return chain(clip_by_global_norm(CLIP), adamw(1e-2, eps=1e-4, weight_decay=0.1))
+
+
+def batch(seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, CFG.vocab_size, (B, T)).astype(np.int32)
+    labels = rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
+    labels[:, :3] = -100
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
+    segment_ids = np.zeros((B, T), np.int32)
+    segment_ids[1, 15:] = 1                          # row 1 packs two documents
+    positions[1, 15:] = np.arange(T - 15)
+    return {"tokens": tokens, "labels": labels, "positions": positions, "segment_ids": segment_ids}
+
+
+def flat(tree, prefix):
+    return {f"{prefix}/{n}": x.asnumpy() for n, x in tree_flatten_with_names(tree).items()}
+
+
+def _ref_objective(params, tokens, labels, positions, segment_ids, w):
+    logits, _ = forward(params, tokens, CFG, positions=positions, segment_ids=segment_ids)
+    return cross_entropy_sum(logits, labels)[0] * w
+
+
+@ms.jit
+def reference_grads(params, tokens, labels, positions, segment_ids, w):
+    logits, _ = forward(params, tokens, CFG, positions=positions, segment_ids=segment_ids)
+    loss, grads = ms.value_and_grad(_ref_objective, grad_position=0)(params, tokens, labels, positions,
+                                                                      segment_ids, w)
+    return logits, loss, grads
+
+
+def make_spmd_grads(ctx):
+    def objective(params, tokens, labels, positions, segment_ids, seq_len, w):
+        s, _ = spmd_loss_sums(params, tokens, labels, CFG, ctx, positions=positions, seq_len=seq_len,
+                              segment_ids=segment_ids)
+        return s * w
+
+    def gathered_objective(params, tokens, labels, positions, segment_ids, seq_len, w):
+        """The same loss through the all-gathered full logits (GatherFromGroup's bprop)."""
+        logits = gather_logits(spmd_forward(params, tokens, CFG, ctx, positions=positions, seq_len=seq_len,
+                                            segment_ids=segment_ids), ctx)
+        return cross_entropy_sum(logits, labels)[0] * w
+
+    @ms.jit
+    def run(params, tokens, labels, positions, segment_ids, seq_len, w):
+        logits = spmd_forward(params, tokens, CFG, ctx, positions=positions, seq_len=seq_len,
+                              segment_ids=segment_ids)
+        loss, grads = ms.value_and_grad(objective, grad_position=0)(params, tokens, labels, positions,
+                                                                     segment_ids, seq_len, w)
+        if ctx.tp > 1:
+            grads2 = ms.grad(gathered_objective, grad_position=0)(params, tokens, labels, positions,
+                                                                  segment_ids, seq_len, w)
+        else:
+            grads2 = grads
+        return gather_logits(logits, ctx), loss, reduce_gradients(grads, ctx), grads2
+    return run
+
+
+def reference(params, b0, b1, w):
+    """The single-process numbers every SPMD case must reproduce."""
+    res = {}
+    logits, loss, grads = reference_grads(ms.mutable(params), *(ms.Tensor(b0[k]) for k in KEYS[:4]), w)
+    res.update({"ref/logits": logits.asnumpy(), "ref/loss": loss.asnumpy()}, **flat(grads, "ref_grad"))
+    state = init_train_state(params, optimizer())
+    state1, m1 = train_step(state, b0, CFG, optimizer())
+    state2, m2 = train_step(state1, b1, CFG, optimizer())
+    res.update(flat(state1.params, "ref_step1"), **flat(state2.params, "ref_step2"))
+    res.update({"ref/m1": np.array([m1["loss"], m1["grad_norm"]]), "ref/m2": np.array([m2["loss"], m2["grad_norm"]])})
+    return res
+
+
+def main():
+    out_dir, cases = sys.argv[1], sys.argv[2].split(",")
+    from mindspore.communication import get_group_size, get_rank, init
+    init()                      # first: msrun's scheduler process runs this script too and stops here
+    world, rank = get_group_size(), get_rank()
+    import time
+    t0 = time.perf_counter()
+    ms.set_seed(0)
+    params = init_params(CFG, seed=7)
+    b0, b1 = batch(1), batch(2)
+    w = ms.Tensor(1.0 / (b0["labels"] != -100).sum(), ms.float32)
+    res = {}
+    if rank == 0:
+        res.update(reference(params, b0, b1, w))
+
+    print(f"reference: {time.perf_counter() - t0:.1f}s", flush=True)
+    for case in cases:
+        t0 = time.perf_counter()
+        mesh = {"dp": Mesh(dp=world), "tp": Mesh(tp=world), "cp": Mesh(cp=world),
+                "tpcp": Mesh(tp=2, cp=world // 2)}[case]
+        ctx = spmd_context(mesh)
+        local = shard_params(params, CFG, mesh, ctx.rank)
+        if case in ("tp", "cp"):
+            sb = shard_batch(b0, mesh, ctx.rank, layout=ctx.layout)
+            logits, loss, grads, grads2 = make_spmd_grads(ctx)(ms.mutable(local), *(ms.Tensor(sb[k]) for k in KEYS), w)
+            res.update({f"{case}/logits": logits.asnumpy(), f"{case}/loss": loss.asnumpy()}, **flat(grads, f"{case}_grad"))
+            if case == "tp":
+                res.update(flat(grads2, "tp_gathered_grad"))
+        opt = optimizer()
+        st = init_train_state(local, opt)
+        st, m = spmd_train_step(st, b0, CFG, opt, ctx, max_grad_norm=CLIP)
+        res.update(flat(st.params, f"{case}_step1"))
+        res[f"{case}/m1"] = np.array([m["loss"], m["grad_norm"]])
+        if case == "dp":
+            st, m = spmd_train_step(st, b1, CFG, opt, ctx, max_grad_norm=CLIP)
+            res.update(flat(st.params, "dp_step2"))
+            res["dp/m2"] = np.array([m["loss"], m["grad_norm"]])
+        if case == "tp":
+            ckpt = os.path.join(out_dir, "ckpt_tp")
+            save_checkpoint(st.params, CFG, ctx, ckpt)
+            if ctx.rank == 0:
+                merge_checkpoint(ckpt, os.path.join(out_dir, "merged"))
+                merged, cfg = load_hf(os.path.join(out_dir, "merged"))
+                assert cfg == CFG.replace(dtype=cfg.dtype), (cfg, CFG)
+                res.update(flat(merged, "merged"))
+            barrier()
+        print(f"case {case}: {time.perf_counter() - t0:.1f}s", flush=True)
+    np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **res)
+    print(f"rank {rank}: done {cases}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
