@@ -3,14 +3,24 @@ from .cache import init_cache
 from .chat import render_chat, render_chat_text
 from .checkpoint import load_hf, save_hf
 from .config import ModelConfig, telechat2_7b, telechat2_35b, telechat2_115b, tiny
+from .convert import convert_checkpoint, verify_checkpoints
 from .data import PackConfig, pack_examples, preprocess, read_examples
+from .generate import generate, generate_batched, generate_ids, stream_text
+from .memory import MemoryPlan, plan_memory
+from .mindformers import load_mindformers, save_mindformers
 from .model import (ParamSpec, count_params, cross_entropy_sum, forward, init_params, jit_forward,
                     loss_fn, param_specs)
+from .nn.ring import ring_attention
 from .records import BatchIterator, read_mindrecord, write_mindrecord
+from .sampling import SamplingConfig
+from .sharding import Mesh, ShardingError, shard_params, split_dim, unshard_params
 from .tokenizer import Tokenizer, train_tokenizer
 
 __all__ = ["ModelConfig", "telechat2_7b", "telechat2_35b", "telechat2_115b", "tiny", "ParamSpec",
            "param_specs", "count_params", "init_params", "forward", "jit_forward", "loss_fn",
            "cross_entropy_sum", "init_cache", "load_hf", "save_hf", "Tokenizer", "train_tokenizer",
            "render_chat", "render_chat_text", "read_examples", "pack_examples", "PackConfig",
-           "preprocess", "read_mindrecord", "write_mindrecord", "BatchIterator"]
+           "preprocess", "read_mindrecord", "write_mindrecord", "BatchIterator", "generate",
+           "generate_ids", "generate_batched", "stream_text", "SamplingConfig", "load_mindformers",
+           "save_mindformers", "convert_checkpoint", "verify_checkpoints", "Mesh", "ShardingError",
+           "shard_params", "unshard_params", "split_dim", "plan_memory", "MemoryPlan", "ring_attention"]

@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass
 from typing import List
 
-SYSTEM = "You are a small TeleChat2 model trained by the tc2 quickstart."
+SYSTEM = "You are tc2-tiny."
 
 _CAPITALS = [  # (country en, capital en, country zh, capital zh)
     ("France", "Paris", "法国", "巴黎"), ("Japan", "Tokyo", "日本", "东京"),
@@ -37,8 +37,13 @@ class Example:
     question: str
     answer: str
 
+    def messages(self) -> list:
+        """The prompt as chat messages (for tc2.render_chat)."""
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": self.question}]
+
     def dialog(self) -> dict:
-        return {"system": SYSTEM, "dialog": [{"role": "user", "content": self.question},
+        # the official dialog data ends the system text with "\n", as the chat template writes it
+        return {"system": SYSTEM + "\n", "dialog": [{"role": "user", "content": self.question},
                                              {"role": "bot", "content": self.answer}]}
 
 

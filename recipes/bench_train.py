@@ -1,0 +1,135 @@
+"""`benchmark.py train`: training throughput and MFU against this machine's matmul peak.
+
+One full optimizer step (forward, backward over the whole parameter dict, global-norm clip,
+AdamW) of `tc2.train.train_step` in graph mode, float32, for the issue's shapes S and M.
+MFU = model FLOPs per second / the float32 matmul peak measured in the same process (a
+jitted 2048^3 matmul, best of several, measured before and after the models; the larger is
+used). Model FLOPs per token (PaLM appendix B convention, forward + backward):
+
+    6 * N_matmul + 12 * n_layer * (n_head * head_dim) * seq
+
+N_matmul counts the weights that enter matmuls (q, kv, dense, gate, up, down, lm_head; not
+the embedding table, which is a gather, nor norms and biases); the second term is QK^T and
+PV over the full (masked, not skipped) T x T score matrix. Steps get faster over the first
+calls, so each shape is warmed up before timing; the median step is reported.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import List
+
+import mindspore as ms
+import numpy as np
+from jsonargparse import CLI
+
+from tc2.config import ModelConfig
+from tc2.model import init_params, param_specs
+from tc2.train import init_train_state, train_step
+from tc2.train_data import synthetic_batches
+from tc2.train_loop import OptimConfig, make_optimizer
+from tc2.tree import tree_flatten_with_names
+
+SHAPES = {
+    "S": dict(model=dict(vocab_size=32000, hidden_size=256, n_layer=4, n_head=8, num_key_value_heads=2,
+                         ffn_hidden_size=768), seq=256, batch=4),
+    "M": dict(model=dict(vocab_size=32000, hidden_size=512, n_layer=8, n_head=8, num_key_value_heads=2,
+                         ffn_hidden_size=1536), seq=512, batch=4),
+    "tiny": dict(model=dict(vocab_size=512, hidden_size=64, n_layer=2, n_head=4, num_key_value_heads=2,
+                            ffn_hidden_size=176), seq=64, batch=4),
+}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """float32 FLOP/s of the best of `repeats` jitted n^3 matmuls (after a warmup call)."""
+    from mindspore import ops
+    rng = np.random.default_rng(0)
+    a = ms.Tensor(rng.standard_normal((n, n), dtype=np.float32))
+    b = ms.Tensor(rng.standard_normal((n, n), dtype=np.float32))
+    mm = ms.jit(ops.matmul)
+    mm(a, b).asnumpy()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, b).asnumpy()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that enter matmuls: every 2-D parameter except the embedding table."""
+    return sum(s.size for n, s in tree_flatten_with_names(param_specs(cfg)).items()
+               if len(s.shape) == 2 and n != "word_embeddings")
+
+
+def flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq
+
+
+def bench_shape(name: str, warmup: int, steps: int) -> dict:
+    spec = SHAPES[name]
+    cfg = ModelConfig(**spec["model"], training_seqlen=spec["seq"], base_seqlen=spec["seq"],
+                      seq_length=spec["seq"], dtype="float32")
+    opt = make_optimizer(OptimConfig(), total_steps=1000)            # the release's recipe
+    state = init_train_state(init_params(cfg, 0), opt)
+    data = synthetic_batches(cfg, spec["batch"], spec["seq"], seed=0)
+    t0 = time.perf_counter()
+    state, _ = train_step(state, next(data), cfg, opt)                # compile + first step
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        state, _ = train_step(state, next(data), cfg, opt)
+    times: List[float] = []
+    for _ in range(steps):
+        batch = next(data)
+        t0 = time.perf_counter()
+        state, m = train_step(state, batch, cfg, opt)                 # metrics read = synced
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tokens = spec["batch"] * spec["seq"]
+    return dict(shape=name, params=sum(s.size for s in tree_flatten_with_names(param_specs(cfg)).values()),
+                n_matmul=matmul_params(cfg), tokens=tokens, compile_s=compile_s, step_s=step_s,
+                step_min=min(times), tok_s=tokens / step_s, flops=flops_per_token(cfg, spec["seq"]) * tokens,
+                loss=m["loss"])
+
+
+def main(argv=None) -> int:
+    def run(shapes: List[str] = ["S", "M"], warmup: int = 3, steps: int = 5, peak_size: int = 2048):
+        """Train-step throughput and MFU.
+
+        Args:
+            shapes: which of S, M, tiny to run.
+            warmup: steps after the compiling one before timing.
+            steps: timed steps per shape (the median is reported).
+            peak_size: n of the n^3 matmul that measures the peak.
+        """
+        for s in shapes:
+            if s not in SHAPES:
+                raise ValueError(f"unknown shape {s!r}; choose from {sorted(SHAPES)}")
+        ms.set_context(mode=ms.GRAPH_MODE)
+        peak_before = matmul_peak(peak_size)
+        rows = [bench_shape(s, warmup, steps) for s in shapes]
+        peak_after = matmul_peak(peak_size)
+        peak = max(peak_before, peak_after)
+        print(f"float32 matmul peak ({peak_size}^3, jitted, best of 5): before {peak_before / 1e9:.1f}, "
+              f"after {peak_after / 1e9:.1f} GFLOP/s -> using {peak / 1e9:.1f} GFLOP/s")
+        print("model FLOPs/token = 6 * N_matmul + 12 * n_layer * (n_head * head_dim) * seq "
+              "(N_matmul: q, kv, dense, gate, up, down, lm_head)")
+        print("one step = forward + backward + global-norm clip + AdamW, graph mode, float32, median of "
+              f"{steps} after {warmup} warmup steps")
+        head = (f"{'shape':<6}{'params':>12}{'N_matmul':>12}{'tok/step':>10}{'compile s':>11}{'step s':>9}"
+                f"{'tokens/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>8}")
+        print(head)
+        print("-" * len(head))
+        for r in rows:
+            achieved = r["flops"] / r["step_s"]
+            print(f"{r['shape']:<6}{r['params']:>12,}{r['n_matmul']:>12,}{r['tokens']:>10}{r['compile_s']:>11.1f}"
+                  f"{r['step_s']:>9.3f}{r['tok_s']:>10.0f}{r['flops'] / 1e9:>12.1f}{achieved / 1e9:>9.1f}"
+                  f"{achieved / peak:>8.1%}")
+        return 0
+
+    return CLI(run, args=argv, as_positional=False)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

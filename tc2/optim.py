@@ -1,0 +1,275 @@
+"""Optimizers as optax-style pairs of pure functions over pytrees.
+
+A `GradientTransformation` is `init(params) -> state` and
+`update(grads, state, params) -> (updates, new_state)`; `apply_updates(params, updates)` adds
+them. Nothing is mutated: every function returns new Tensors, so a train step can keep the old
+state (to skip an overflowing fp16 step) and checkpoints see exactly what the step saw. The
+same code runs eagerly and inside `ms.jit` (dict/tuple containers, isinstance dispatch, one
+`for` per comprehension), which is why the fused `ops.AdamWeightDecay` (in-place) is not used.
+
+Schedules map the optimizer's update count (an int32 Tensor, or a Python int on the host) to
+a float32 learning rate. `learning_rate(state)` on a transformation reports the rate its next
+update will use, so a train step can log it without knowing the chain's layout.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import mindspore as ms
+from mindspore import ops
+
+from .tree import tree_map
+
+# --------------------------------------------------------------------------- schedules
+
+
+def _as_step(step):
+    return (step if isinstance(step, ms.Tensor) else ms.Tensor(step, ms.int32)).astype(ms.float32)
+
+
+def constant_schedule(lr: float) -> Callable:
+    """lr at every step."""
+    def schedule(step):
+        return _as_step(step) * 0.0 + lr
+    return schedule
+
+
+def cosine_schedule(peak_lr: float, decay_steps: int, end_lr: float = 0.0, warmup_steps: int = 0,
+                    warmup_init_lr: float = 0.0) -> Callable:
+    """Linear warmup from `warmup_init_lr` to `peak_lr` over `warmup_steps` updates, then a half
+    cosine from `peak_lr` down to `end_lr` reached at update `decay_steps` (total, warmup
+    included), then `end_lr` forever. Update 0 uses `warmup_init_lr` when warming up (optax's
+    convention) and `peak_lr` otherwise. The release: cosine_schedule(1.5e-4, steps, 1.5e-5).
+    """
+    if decay_steps <= warmup_steps:
+        raise ValueError(f"cosine_schedule: decay_steps ({decay_steps}) must exceed warmup_steps "
+                         f"({warmup_steps})")
+    if warmup_steps < 0 or peak_lr < 0 or end_lr < 0:
+        raise ValueError("cosine_schedule: learning rates and warmup_steps must be >= 0")
+    span = float(decay_steps - warmup_steps)
+
+    def schedule(step):
+        s = _as_step(step)
+        frac = ops.clip((s - warmup_steps) / span, 0.0, 1.0)
+        cosine = end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + ops.cos(frac * math.pi))
+        if warmup_steps == 0:
+            return cosine
+        warm = warmup_init_lr + (peak_lr - warmup_init_lr) * s / float(warmup_steps)
+        return ops.where(s < warmup_steps, warm, cosine)
+    return schedule
+
+
+def as_schedule(lr) -> Callable:
+    """A float becomes a constant schedule; a callable is returned as is."""
+    return lr if callable(lr) else constant_schedule(float(lr))
+
+
+# --------------------------------------------------------------------------- transformations
+
+
+@dataclass(frozen=True)
+class GradientTransformation:
+    """A pair of pure functions (plus an optional lr reporter). Inside `ms.jit`, take the
+    functions out first (graph mode cannot read attributes of this object)."""
+    init: Callable                                   # params -> state
+    update: Callable                                 # (grads, state, params) -> (updates, state)
+    learning_rate: Optional[Callable] = None         # state -> lr of the next update, or None
+
+
+def apply_updates(params, updates):
+    """params + updates, leaf by leaf, in each parameter's dtype."""
+    return tree_map(lambda p, u: p + u.astype(p.dtype), params, updates)
+
+
+def global_norm(tree):
+    """sqrt(sum of squares of every leaf), float32, in graph mode too.
+
+    Not `tc2.tree.tree_global_norm`: inside ms.jit (MindSpore 2.10) a loop over `sorted(dict)`
+    runs zero times, so leaf lists built that way come out empty and the norm is 0.
+    """
+    return ops.sqrt(_sum_squares(tree))
+
+
+def _sum_squares(tree):
+    if isinstance(tree, dict):
+        total = 0.0
+        for k in tree:                       # insertion order; `sorted(tree)` is empty in graph
+            total = total + _sum_squares(tree[k])
+        return total
+    if isinstance(tree, tuple):
+        total = 0.0
+        for t in tree:
+            total = total + _sum_squares(t)
+        return total
+    x = tree.astype(ms.float32)
+    return (x * x).sum()
+
+
+def clip_by_global_norm(max_norm: float = 1.0) -> GradientTransformation:
+    """Scale all gradients by min(1, max_norm / global_norm) (float32). Stateless."""
+    if max_norm <= 0:
+        raise ValueError(f"clip_by_global_norm: max_norm must be > 0, got {max_norm}")
+
+    def init(params):
+        return {}
+
+    def update(grads, state, params=None):
+        norm = global_norm(grads)
+        factor = max_norm / ops.maximum(norm, max_norm)                  # 1 when norm <= max_norm
+        return tree_map(lambda g: g * factor.astype(g.dtype), grads), state
+
+    return GradientTransformation(init, update)
+
+
+def _names(tree, prefix):
+    """Dotted leaf names ("layers.0.dense_bias") as a pytree of str; graph-friendly."""
+    if isinstance(tree, dict):
+        return {k: _names(tree[k], prefix + k + ".") for k in tree}
+    if isinstance(tree, tuple):
+        return tuple([_names(tree[i], prefix + str(i) + ".") for i in range(len(tree))])
+    return prefix[:-1]
+
+
+def _is_matrix(p):
+    return p.ndim >= 2
+
+
+def decay_matrices(params):
+    """The default weight-decay mask: decay weight matrices (projections, embeddings, lm_head),
+    not vectors (RMSNorm weights, the dense/down_proj biases)."""
+    return tree_map(_is_matrix, params)
+
+
+def exclude_names(*substrings: str) -> Callable:
+    """A mask function: decay every parameter whose dotted name (e.g. "layers.0.dense_bias",
+    "ln_f") contains none of `substrings`. Example: exclude_names("norm", "bias", "ln_f")."""
+    if not substrings:
+        raise ValueError("exclude_names needs at least one substring")
+
+    def keep(name):
+        hit = False
+        for s in substrings:
+            hit = hit or (s in name)
+        return not hit
+
+    def mask(params):
+        return tree_map(keep, _names(params, ""))
+    return mask
+
+
+def _mask_function(mask) -> Callable:
+    """params -> pytree of bool, from None (all), a function, or a fixed pytree of bool."""
+    if mask is None:
+        return _decay_all
+    if callable(mask):
+        return mask
+    fixed = mask
+
+    def given(params):
+        return fixed
+    return given
+
+
+def _decay_all(params):
+    return tree_map(_true, params)
+
+
+def _true(p):
+    return True
+
+
+def adamw(learning_rate=1e-3, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+          weight_decay: float = 0.1, mask=decay_matrices) -> GradientTransformation:
+    """AdamW with bias correction and decoupled weight decay (Loshchilov & Hutter; torch's AdamW):
+
+        m = b1 m + (1 - b1) g        v = b2 v + (1 - b2) g^2        t = count + 1
+        update = -lr(count) * ( m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + weight_decay * p * mask )
+
+    `learning_rate`: a float or a schedule (count -> lr). `mask` says which parameters decay:
+    a function params -> pytree of bool (default `decay_matrices`: no decay on norms and
+    biases), a pytree of bool, or None (decay everything). Moments are float32.
+    """
+    schedule = as_schedule(learning_rate)
+    decay_mask = _mask_function(mask)
+    for name, val in (("b1", b1), ("b2", b2)):
+        if not 0.0 <= val < 1.0:
+            raise ValueError(f"adamw: {name} must be in [0, 1), got {val}")
+    if eps <= 0 or weight_decay < 0:
+        raise ValueError(f"adamw: need eps > 0 and weight_decay >= 0 (got {eps}, {weight_decay})")
+
+    def init(params):
+        return {"count": ms.Tensor(0, ms.int32),
+                "mu": tree_map(_zeros_f32, params), "nu": tree_map(_zeros_f32, params)}
+
+    def update(grads, state, params):
+        count = state["count"]
+        lr = schedule(count)
+        t = (count + 1).astype(ms.float32)
+        c1 = 1.0 - ops.pow(ms.Tensor(b1, ms.float32), t)                 # bias corrections
+        c2 = 1.0 - ops.pow(ms.Tensor(b2, ms.float32), t)
+        mu = tree_map(lambda m, g: b1 * m + (1.0 - b1) * g.astype(ms.float32), state["mu"], grads)
+        nu = tree_map(lambda v, g: b2 * v + (1.0 - b2) * ops.square(g.astype(ms.float32)),
+                      state["nu"], grads)
+        decay = decay_mask(params)
+
+        def step(m, v, p, d):
+            u = (m / c1) / (ops.sqrt(v / c2) + eps)
+            if d and weight_decay > 0:
+                u = u + weight_decay * p.astype(ms.float32)
+            return -lr * u
+
+        updates = tree_map(step, mu, nu, params, decay)
+        return updates, {"count": count + 1, "mu": mu, "nu": nu}
+
+    def current_lr(state):
+        return schedule(state["count"])
+
+    return GradientTransformation(init, update, current_lr)
+
+
+def _zeros_f32(p):
+    return ops.zeros(p.shape, ms.float32)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply transformations in order (e.g. chain(clip_by_global_norm(1.0), adamw(...))).
+    The state is a tuple of the members' states."""
+    if not transforms:
+        raise ValueError("chain needs at least one transformation")
+
+    inits = tuple(t.init for t in transforms)
+    updates = tuple(t.update for t in transforms)
+    with_lr = [i for i, t in enumerate(transforms) if t.learning_rate is not None]
+    lr_index = with_lr[0] if with_lr else None
+    lr_fn = transforms[lr_index].learning_rate if with_lr else None
+
+    def init(params):
+        return tuple([f(params) for f in inits])
+
+    def update(grads, state, params=None):
+        new_state = ()
+        for i in range(len(updates)):
+            grads, s = updates[i](grads, state[i], params)
+            new_state = new_state + (s,)
+        return grads, new_state
+
+    def current_lr(state):
+        return lr_fn(state[lr_index])
+
+    return GradientTransformation(init, update, current_lr if with_lr else None)
+
+
+def update_count(opt_state) -> Optional[ms.Tensor]:
+    """The first "count" found in an optimizer state (applied updates), or None. Host side."""
+    if isinstance(opt_state, dict):
+        if "count" in opt_state:
+            return opt_state["count"]
+        opt_state = tuple(opt_state.values())
+    if isinstance(opt_state, tuple):
+        for s in opt_state:
+            c = update_count(s)
+            if c is not None:
+                return c
+    return None

@@ -1,0 +1,286 @@
+"""Train-state checkpoints: a directory per step that the official HF code can also load.
+
+    out_dir/step_00000200/
+        config.json, model.safetensors (or shards + index)   -- tc2.checkpoint.save_hf, float32
+        optimizer.safetensors                                 -- optimizer state, by tree name
+        state.json                                            -- step, loss scale, data cursor,
+                                                                 configs, file sizes
+A checkpoint is written into a hidden temp directory next to its final name, flushed, and
+renamed into place, so a crash never leaves a `step_*` directory half-written. `state.json`
+lists every file with its size; `validate_checkpoint` checks those and every safetensors
+header, so a truncated or tampered directory is refused with an error that names it, and
+`latest_checkpoint` falls back to the newest complete one. Weights stay float32: resuming
+from a checkpoint continues bit-exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import mindspore as ms
+import numpy as np
+
+from .checkpoint import load_hf, save_hf
+from .config import ModelConfig
+from .optim import GradientTransformation
+from .safetensors_io import open_safetensors, read_header, write_safetensors
+from .train import TrainState
+from .tree import tree_flatten_with_names, tree_unflatten_from_names
+
+FORMAT = "tc2.train_state"
+VERSION = 1
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_DIR = re.compile(r"^\.tmp-step_\d+-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is incomplete, corrupt, or does not match the run."""
+
+
+def checkpoint_path(directory: str, step: int) -> str:
+    return os.path.join(directory, f"step_{int(step):08d}")
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_checkpoint(directory: str, state: TrainState, cfg: ModelConfig, *,
+                    meta: Optional[Dict[str, Any]] = None, keep: Optional[int] = None,
+                    max_shard_size=None) -> str:
+    """Write `state` as `directory/step_{step:08d}` (atomically) -> its path.
+
+    `meta`: JSON-serialisable extras stored in state.json (data-iterator cursor, train
+    config, last metrics, ...). `keep`: afterwards delete all but the newest `keep` complete
+    checkpoints in `directory`. An existing checkpoint of the same step is replaced.
+    """
+    step = int(state.step.asnumpy()) if isinstance(state.step, ms.Tensor) else int(state.step)
+    os.makedirs(directory, exist_ok=True)
+    _remove_stale_temps(directory)
+    final = checkpoint_path(directory, step)
+    tmp = os.path.join(directory, f".tmp-step_{step:08d}-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    try:
+        save_hf(state.params, cfg, tmp, dtype="float32", max_shard_size=max_shard_size)
+        opt = {n: _numpy(t) for n, t in tree_flatten_with_names(state.opt_state).items()}
+        write_safetensors(os.path.join(tmp, OPTIMIZER_FILE), opt, metadata={"format": FORMAT})
+        files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+        record = {
+            "format": FORMAT, "version": VERSION, "step": step,
+            "loss_scale": None if state.loss_scale is None else {
+                "scale": float(state.loss_scale["scale"].asnumpy()),
+                "good_steps": int(state.loss_scale["good_steps"].asnumpy())},
+            "model_config": dataclasses.asdict(cfg),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": files,
+            **(meta or {}),
+        }
+        _write_json(os.path.join(tmp, STATE_FILE), record)
+        for f in os.listdir(tmp):
+            _fsync(os.path.join(tmp, f))
+        _fsync(tmp)
+        trash = None
+        if os.path.exists(final):
+            trash = os.path.join(directory, f".old-step_{step:08d}-{os.getpid()}")
+            os.replace(final, trash)
+        os.replace(tmp, final)
+        _fsync(directory)
+        if trash:
+            shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        prune_checkpoints(directory, keep)
+    return final
+
+
+def _numpy(t) -> np.ndarray:
+    a = t.asnumpy() if isinstance(t, ms.Tensor) else np.asarray(t)
+    if a.dtype not in (np.float32, np.int32):
+        raise TypeError(f"optimizer state leaves must be float32 or int32, got {a.dtype}")
+    return np.array(a, order="C", copy=True)           # (ascontiguousarray makes 0-d 1-d)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _fsync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass                                      # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(directory: str) -> None:
+    """Temp dirs left by a crashed writer (its pid is gone) are garbage."""
+    for name in os.listdir(directory):
+        m = _TMP_DIR.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def validate_checkpoint(path: str) -> dict:
+    """The parsed state.json of a complete checkpoint, or CheckpointError naming the problem."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no checkpoint directory")
+    state_file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise CheckpointError(f"{path}: incomplete checkpoint ({STATE_FILE} is missing)")
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            record = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{state_file}: corrupt ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"{state_file}: not a tc2 train-state file (format "
+                              f"{record.get('format') if isinstance(record, dict) else None!r})")
+    if record.get("version", 0) > VERSION:
+        raise CheckpointError(f"{state_file}: written by a newer tc2 (version {record['version']})")
+    for key in ("step", "files", "model_config"):
+        if key not in record:
+            raise CheckpointError(f"{state_file}: missing key {key!r}")
+    for name, size in record["files"].items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{path}: incomplete checkpoint ({name} is missing)")
+        actual = os.path.getsize(file)
+        if actual != size:
+            raise CheckpointError(f"{file}: {actual} bytes, state.json recorded {size} "
+                                  "(truncated or modified)")
+        if name.endswith(".safetensors"):
+            try:
+                read_header(file)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+    for needed in ("config.json", OPTIMIZER_FILE):
+        if needed not in record["files"]:
+            raise CheckpointError(f"{state_file}: lists no {needed}")
+    return record
+
+
+def list_checkpoints(directory: str) -> List[Tuple[int, str]]:
+    """[(step, path)] of every `step_*` directory (complete or not), oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isdir(os.path.join(directory, name)):
+            found.append((int(m.group(1)), os.path.join(directory, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str) -> Tuple[Optional[str], List[str]]:
+    """(path of the newest complete checkpoint or None, [why each newer one was refused])."""
+    refused = []
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            validate_checkpoint(path)
+            return path, refused
+        except CheckpointError as e:
+            refused.append(str(e))
+    return None, refused
+
+
+def prune_checkpoints(directory: str, keep: int) -> List[str]:
+    """Delete all but the newest `keep` complete checkpoints -> deleted paths. Incomplete
+    directories are left for the user to inspect."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    complete = []
+    for _, path in list_checkpoints(directory):
+        try:
+            validate_checkpoint(path)
+            complete.append(path)
+        except CheckpointError:
+            continue
+    doomed = complete[:-keep]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_checkpoint(path: str, optimizer: GradientTransformation, *,
+                    expect_config: Optional[ModelConfig] = None) -> Tuple[TrainState, ModelConfig, dict]:
+    """-> (TrainState, ModelConfig, state.json record). The optimizer gives the state's
+    structure (its `init` runs once on the loaded params); names, shapes and dtypes must match.
+    `expect_config`: refuse a checkpoint of a different architecture (dtype may differ)."""
+    record = validate_checkpoint(path)
+    saved = record["model_config"]
+    try:
+        cfg = ModelConfig(**saved)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/{STATE_FILE}: bad model_config ({e})") from None
+    if expect_config is not None:
+        diff = {k: (v, getattr(expect_config, k)) for k, v in dataclasses.asdict(cfg).items()
+                if k != "dtype" and getattr(expect_config, k) != v}
+        if diff:
+            raise CheckpointError(f"{path}: model config differs from this run's "
+                                  f"(saved, expected): {diff}")
+        cfg = cfg.replace(dtype=expect_config.dtype)
+    try:
+        params, _ = load_hf(path)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path}: weights do not load ({e})") from None
+    like = optimizer.init(params)
+    like_flat = tree_flatten_with_names(like)
+    file = os.path.join(path, OPTIMIZER_FILE)
+    flat = {}
+    with open_safetensors(file) as (header, get):
+        missing = sorted(set(like_flat) - set(header))
+        extra = sorted(set(header) - set(like_flat))
+        if missing or extra:
+            raise CheckpointError(f"{file}: optimizer state does not match this optimizer "
+                                  f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        for name, ref in like_flat.items():
+            a = get(name)
+            if tuple(a.shape) != tuple(ref.shape) or np.dtype(a.dtype) != _np_dtype(ref):
+                raise CheckpointError(f"{file}: {name} is {a.dtype}{list(a.shape)}, expected "
+                                      f"{_np_dtype(ref)}{list(ref.shape)}")
+            flat[name] = ms.Tensor(np.array(a, order="C", copy=True))
+    opt_state = tree_unflatten_from_names(like, flat)
+    ls = record.get("loss_scale")
+    loss_scale = None if ls is None else {"scale": ms.Tensor(float(ls["scale"]), ms.float32),
+                                          "good_steps": ms.Tensor(int(ls["good_steps"]), ms.int32)}
+    state = TrainState(params=params, opt_state=opt_state, step=ms.Tensor(int(record["step"]), ms.int32),
+                       loss_scale=loss_scale)
+    return state, cfg, record
+
+
+def _np_dtype(t) -> np.dtype:
+    return np.dtype(np.int32) if t.dtype == ms.int32 else np.dtype(np.float32)

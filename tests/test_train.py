@@ -1,0 +1,484 @@
+"""The train step, the loop, checkpoints and resume, and the finetune recipe (graph mode).
+
+Every test shares one tiny config, one optimizer object and one batch shape, so the fused
+step, the gradient/apply pair and the eval graph compile once for the module (plus one float16
+step and one deliberately broken optimizer). Resume equivalence is asserted bit-exact.
+"""
+import json
+import os
+import re
+import shutil
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import ops
+
+from tc2.config import tiny
+from tc2.model import IGNORE_INDEX, cross_entropy_sum, forward, init_params, loss_fn
+from tc2.optim import adamw
+from tc2.records import BatchIterator
+from tc2.train import (LossScaleConfig, as_micro_batches, grads_and_loss, init_train_state,
+                       split_micro_batches, train_step)
+from tc2.train_checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                  save_checkpoint, validate_checkpoint)
+from tc2.train_data import TrainBatches, eval_batches, split_rows, train_batch
+from tc2.train_loop import (NonFiniteLossError, OptimConfig, TrainConfig, evaluate, fit, make_optimizer)
+from tc2.tree import tree_flatten_with_names
+
+CFG = tiny()
+CFG16 = tiny(dtype="float16")
+B, T, PAD = 4, 64, 3
+STEPS = 60                                              # every schedule here spans 60 steps
+OCFG = OptimConfig(lr=1e-2, end_lr=1e-3)                # release recipe shape, a tiny-model lr
+OPT = make_optimizer(OCFG, STEPS)                       # cached: fit() gets this same object
+LS16 = LossScaleConfig(init_scale=2.0 ** 24, growth_interval=2)   # 2^24 overflows float16
+
+
+def _rows(n, seed):
+    """Packed-row columns [n, T+1]: left pads, tokens, labels -100 on pads and a prompt part."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, CFG.vocab_size, (n, T + 1)).astype(np.int32)
+    labels = ids.copy()
+    for r in range(n):
+        pads = int(rng.integers(0, 8))
+        prompt = int(rng.integers(1, 20))
+        ids[r, :pads] = PAD
+        labels[r, :pads + prompt] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+def _np(tree):
+    return {k: v.asnumpy() for k, v in tree_flatten_with_names(tree).items()}
+
+
+def _batches(rows):
+    return TrainBatches(BatchIterator(rows, B, seed=1, num_epochs=None), PAD)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def uneven_batch():
+    """[B, T] whose two halves have very different loss-token counts (mean of means != mean)."""
+    rows = _rows(B, seed=3)
+    rows["labels"][:2, :-4] = IGNORE_INDEX                       # rows 0-1: 3 loss tokens each
+    return train_batch(rows, PAD)
+
+
+# --------------------------------------------------------------------------- data adapters
+
+
+def test_train_batch_shifts_and_masks_pads():
+    rows = {"input_ids": np.array([[3, 3, 1, 10, 11, 12]]), "labels": np.array([[-100, -100, -100, 10, 11, 12]]),
+            "segment_ids": np.array([[0, 0, 1, 1, 1, 1]]), "positions": np.array([[0, 0, 0, 1, 2, 3]])}
+    b = train_batch(rows, pad_id=3)
+    assert b["tokens"].tolist() == [[3, 3, 1, 10, 11]]
+    assert b["labels"].tolist() == [[-100, -100, 10, 11, 12]]          # label of token i is row[i+1]
+    assert b["segment_ids"].tolist() == [[0, 0, 1, 1, 1]] and b["positions"].tolist() == [[0, 0, 0, 1, 2]]
+    rows["labels"][0, 2] = 99                                          # a pad token never carries loss
+    rows["input_ids"][0, 1] = 3
+    assert train_batch(rows, 3)["labels"][0, 1] == -100
+    tr, ev = split_rows(_rows(10, 0), 0.2, seed=0)
+    assert len(tr["input_ids"]) == 8 and len(ev["input_ids"]) == 2
+    assert split_rows(_rows(10, 0), 0.0)[1] is None
+    with pytest.raises(KeyError, match="tokens"):
+        as_micro_batches({"labels": np.zeros((1, 4))})
+
+
+def test_rows_from_mindrecord(tmp_path):
+    from tc2.records import write_mindrecord
+    from tc2.train_data import load_rows
+    rows = _rows(5, seed=12)
+    path = write_mindrecord(str(tmp_path / "d.mindrecord"), rows)
+    got = load_rows(path, T)
+    assert sorted(got) == ["input_ids", "labels"]
+    assert all(np.array_equal(got[k], rows[k]) for k in rows)
+    with pytest.raises(ValueError, match="d.mindrecord.*seq_length=32"):
+        load_rows(path, 32)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def test_grad_accumulation_equals_one_batch(params, uneven_batch):
+    split = split_micro_batches(uneven_batch, 2)
+    g1, loss1, n1 = grads_and_loss(params, uneven_batch, CFG)
+    g2, loss2, n2 = grads_and_loss(params, split, CFG)
+    assert n1 == n2 == int((uneven_batch["labels"] != IGNORE_INDEX).sum())
+    assert loss2 == pytest.approx(loss1, rel=1e-6)
+    for k, a in _np(g1).items():
+        b = _np(g2)[k]
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max(), err_msg=k)
+    # the loss is the model's token mean over the whole batch ...
+    ref = float(loss_fn(params, ms.Tensor(uneven_batch["tokens"]), ms.Tensor(uneven_batch["labels"]), CFG).asnumpy())
+    assert loss1 == pytest.approx(ref, rel=1e-5)
+    # ... not the mean of the micro-batch means (which differs a lot for this batch)
+    halves = [float(loss_fn(params, ms.Tensor(split["tokens"][i]), ms.Tensor(split["labels"][i]), CFG).asnumpy())
+              for i in range(2)]
+    assert abs(np.mean(halves) - loss1) > 1e-2
+    # the whole step: fused graph (k=1) == gradient graph x2 + apply graph (k=2). After one
+    # step the AdamW moments are 0.1 g and 0.05 g^2 of the clipped gradient that reached the
+    # optimizer: they are what is compared. The parameters are not compared elementwise:
+    # AdamW's first update g / (|g| + eps) turns float32 rounding of a gradient element near
+    # eps = 1e-8 into an O(lr) difference (measured: 1 element in 4096 off by 1e-6); the same
+    # `_finish` code computes it in both graphs, and the next step's loss checks the result.
+    s1, m1 = train_step(init_train_state(params, OPT), uneven_batch, CFG, OPT)
+    s2, m2 = train_step(init_train_state(params, OPT), split, CFG, OPT)
+    assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-6) and m1["loss"] == pytest.approx(loss1, rel=1e-6)
+    assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
+    assert m1["loss_tokens"] == m2["loss_tokens"] == n1 and m1["tokens"] == m2["tokens"] == B * T
+    o1, o2 = _np(s1.opt_state), _np(s2.opt_state)
+    assert sorted(o1) == sorted(o2) and o1["1.count"] == o2["1.count"] == 1
+    for k, a in o1.items():
+        np.testing.assert_allclose(o2[k], a, rtol=1e-5, atol=1e-5 * np.abs(a).max(), err_msg=k)
+    s1, m1 = train_step(s1, uneven_batch, CFG, OPT)
+    s2, m2 = train_step(s2, split, CFG, OPT)
+    assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+    assert int(s1.step.asnumpy()) == int(s2.step.asnumpy()) == 2
+
+
+def test_overfitting_one_batch_drives_loss_down_50x(params):
+    batch = train_batch(_rows(2, seed=7), PAD)
+    state = init_train_state(params, OPT)
+    losses = []
+    for _ in range(30):
+        state, m = train_step(state, batch, CFG, OPT)
+        losses.append(m["loss"])
+    assert losses[0] > 6.0                                   # ~ln(512) at init
+    assert losses[-1] < losses[0] / 50, losses[::5]          # measured: 6.26 -> 0.08 in 30 steps
+    # the metrics report what the schedule did: cosine from 1e-2 towards 1e-3 over 60 updates
+    assert m["lr"] == pytest.approx(1e-3 + 0.5 * (1e-2 - 1e-3) * (1 + np.cos(np.pi * 29 / 60)), rel=1e-5)
+
+
+def test_document_masking_reaches_the_model(params):
+    rows = _rows(B, seed=11)
+    seg = np.ones_like(rows["input_ids"])
+    seg[:, 30:] = 2                                           # two packed documents per row
+    pos = np.concatenate([np.arange(30), np.arange(T + 1 - 30)])[None].repeat(B, 0)
+    batch = train_batch({**rows, "segment_ids": seg, "positions": pos.astype(np.int32)}, PAD)
+    _, masked, _ = grads_and_loss(params, split_micro_batches(batch, 2), CFG)
+    ref = float(loss_fn(params, ms.Tensor(batch["tokens"]), ms.Tensor(batch["labels"]), CFG,
+                        positions=ms.Tensor(batch["positions"]),
+                        segment_ids=ms.Tensor(batch["segment_ids"])).asnumpy())
+    plain = float(loss_fn(params, ms.Tensor(batch["tokens"]), ms.Tensor(batch["labels"]), CFG).asnumpy())
+    assert masked == pytest.approx(ref, rel=1e-5)
+    assert abs(masked - plain) > 1e-4
+
+
+def test_float16_loss_scaling_skips_overflow_then_grows(params):
+    state = init_train_state(params, OPT, LS16)                       # float32 masters, fp16 compute
+    before = _np(state.params)
+    state1, m = train_step(state, train_batch(_rows(B, 5), PAD), CFG16, OPT, LS16)
+    assert m["skipped"] == 1.0 and not np.isfinite(m["grad_norm"])
+    assert all(np.array_equal(v, before[k]) for k, v in _np(state1.params).items())   # update skipped
+    assert int(state1.opt_state[1]["count"].asnumpy()) == 0            # lr schedule did not advance
+    assert int(state1.step.asnumpy()) == 1                             # the batch was consumed
+    assert float(state1.loss_scale["scale"].asnumpy()) == 2.0 ** 23
+    assert int(state1.loss_scale["good_steps"].asnumpy()) == 0
+    history, state = [m], state1
+    for i in range(14):
+        state, m = train_step(state, train_batch(_rows(B, 5), PAD), CFG16, OPT, LS16)
+        history.append(m)
+    skipped = [h["skipped"] for h in history]
+    first_ok = skipped.index(0.0)
+    assert all(skipped[:first_ok]) and first_ok >= 1
+    ok_scale = history[first_ok]["loss_scale"]
+    assert ok_scale == 2.0 ** 24 / 2 ** first_ok                       # halved once per overflow
+    # growth_interval=2: two finite steps in a row double the scale
+    if history[first_ok + 1]["skipped"] == 0.0:
+        assert history[first_ok + 1]["loss_scale"] == 2 * ok_scale
+    applied = int(state.opt_state[1]["count"].asnumpy())
+    assert applied == skipped.count(0.0) and applied >= 5
+    assert np.isfinite([h["loss"] for h in history]).all()
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+# --------------------------------------------------------------------------- loop + resume
+
+
+def _losses(result):
+    return {r["step"]: r["loss"] for r in result.history if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory, params):
+    """Straight 8 steps vs 4 steps + resume + 4 steps (fp32), logging every step."""
+    root = tmp_path_factory.mktemp("resume")
+    rows = _rows(24, seed=2)
+    ev = eval_batches(_rows(3, seed=9), 2, PAD)
+    kw = dict(steps=STEPS, log_every=1, save_every=4, keep=2)
+    logs = {"a": [], "b1": [], "b2": []}
+    a = fit(params, CFG, _batches(rows), optim=OCFG, eval_batches=ev, log=logs["a"].append,
+            train=TrainConfig(out_dir=str(root / "a"), stop_after=8, **kw))
+    b1 = fit(params, CFG, _batches(rows), optim=OCFG, eval_batches=ev, log=logs["b1"].append,
+             train=TrainConfig(out_dir=str(root / "b"), stop_after=4, **kw))
+    b2 = fit(init_params(CFG, seed=123), CFG, _batches(rows), optim=OCFG, eval_batches=ev,
+             log=logs["b2"].append, train=TrainConfig(out_dir=str(root / "b"), stop_after=8, resume=True, **kw))
+    return dict(root=root, rows=rows, a=a, b1=b1, b2=b2, logs=logs, kw=kw)
+
+
+def test_resume_is_bit_exact(resume_runs):
+    a, b1, b2 = resume_runs["a"], resume_runs["b1"], resume_runs["b2"]
+    la, lb = _losses(a), {**_losses(b1), **_losses(b2)}
+    assert sorted(la) == list(range(1, 9)) and sorted(lb) == list(range(1, 9))
+    assert la == lb                                                   # bit-exact, every step
+    pa, pb = _np(a.state.params), _np(b2.state.params)
+    assert all(np.array_equal(pa[k], pb[k]) for k in pa)
+    oa, ob = _np(a.state.opt_state), _np(b2.state.opt_state)
+    assert all(np.array_equal(oa[k], ob[k]) for k in oa)
+    ea = [r for r in a.history if r["kind"] == "eval"]
+    eb = [r for r in b1.history + b2.history if r["kind"] == "eval"]
+    assert [r["step"] for r in ea] == [8] and [r["step"] for r in eb] == [4, 8]   # eval ends each run
+    assert ea[-1] == eb[-1]
+    assert any("resume: continuing from" in line and "step_00000004" in line for line in resume_runs["logs"]["b2"])
+    assert la[8] < la[1]
+    # metrics.jsonl of the resumed run holds each step once
+    with open(os.path.join(resume_runs["root"], "b", "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 9))
+    # the data cursor in state.json matches the straight run's
+    rec = validate_checkpoint(os.path.join(resume_runs["root"], "b", "step_00000008"))
+    assert rec["data"] == validate_checkpoint(os.path.join(resume_runs["root"], "a", "step_00000008"))["data"]
+
+
+def test_resume_without_a_data_cursor_skips_used_batches(resume_runs, params, tmp_path):
+    rows, kw = resume_runs["rows"], resume_runs["kw"]
+
+    def plain():                                          # no state_dict(): resume must skip
+        for r in BatchIterator(rows, B, seed=1, num_epochs=None):
+            yield train_batch(r, PAD)
+    fit(params, CFG, plain(), optim=OCFG, log=lambda s: None,
+        train=TrainConfig(out_dir=str(tmp_path), stop_after=4, plot=False, **kw))
+    log = []
+    c = fit(params, CFG, plain(), optim=OCFG, log=log.append,
+            train=TrainConfig(out_dir=str(tmp_path), stop_after=8, resume=True, plot=False, **kw))
+    assert any("skipping 4 batches" in line for line in log)
+    pa, pc = _np(resume_runs["a"].state.params), _np(c.state.params)
+    assert all(np.array_equal(pa[k], pc[k]) for k in pa)
+
+
+def test_interrupt_saves_the_last_complete_step_and_resumes_exactly(resume_runs, params, tmp_path, monkeypatch):
+    import tc2.train_loop as loop
+    rows, kw = resume_runs["rows"], resume_runs["kw"]
+    real, calls = loop.train_step, []
+
+    def interrupted(*a, **k):                              # Ctrl-C during the 6th step
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(loop, "train_step", interrupted)
+    log = []
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, CFG, _batches(rows), optim=OCFG, log=log.append,
+            train=TrainConfig(out_dir=str(tmp_path), stop_after=8, plot=False, **kw))
+    assert any("interrupted during step 6: saving step 5" in line for line in log)
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [4, 5]
+    monkeypatch.setattr(loop, "train_step", real)
+    c = fit(params, CFG, _batches(rows), optim=OCFG, log=lambda s: None,
+            train=TrainConfig(out_dir=str(tmp_path), stop_after=8, resume=True, plot=False, **kw))
+    pa, pc = _np(resume_runs["a"].state.params), _np(c.state.params)
+    assert all(np.array_equal(pa[k], pc[k]) for k in pa)
+
+
+def test_loop_outputs_progress_metrics_plot_and_hf_checkpoints(resume_runs):
+    from tc2.checkpoint import load_hf
+    root, logs = resume_runs["root"], resume_runs["logs"]["a"]
+    progress = [line for line in logs if line.startswith("step ")]
+    assert len(progress) == 8
+    for field in ("loss ", "lr ", "gnorm ", "tok/s", "elapsed ", "ETA "):
+        assert field in progress[-1]
+    assert any(line.startswith("eval ") and "perplexity" in line for line in logs)
+    recs = [json.loads(line) for line in open(root / "a" / "metrics.jsonl")]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert set(train_recs[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens", "loss_tokens"}
+    assert train_recs[-1]["tokens"] == 8 * B * T
+    ev = [r for r in recs if r["kind"] == "eval"][0]
+    assert ev["eval_ppl"] == pytest.approx(np.exp(ev["eval_loss"]), rel=1e-9)
+    assert (root / "a" / "loss_curve.png").is_file()                  # pillow is installed
+    assert [os.path.basename(p) for _, p in list_checkpoints(root / "a")] == ["step_00000004", "step_00000008"]
+    params, cfg = load_hf(str(root / "a" / "step_00000008"))         # plain HF layout
+    assert cfg.hidden_size == CFG.hidden_size
+    pa = _np(resume_runs["a"].state.params)
+    assert all(np.array_equal(v, pa[k]) for k, v in _np(params).items())
+
+
+def test_fit_refuses_a_used_out_dir_without_resume(resume_runs, params):
+    with pytest.raises(FileExistsError, match="resume"):
+        fit(params, CFG, _batches(resume_runs["rows"]), optim=OCFG, log=lambda s: None,
+            train=TrainConfig(out_dir=str(resume_runs["root"] / "a"), steps=STEPS))
+
+
+def test_float16_resume_restores_the_loss_scale(params, tmp_path):
+    rows = _rows(24, seed=4)
+    kw = dict(steps=STEPS, log_every=1, save_every=4, keep=2, plot=False, loss_scale=2.0 ** 24,
+              loss_scale_growth_interval=2)
+    quiet = dict(optim=OCFG, log=lambda s: None)
+    a = fit(params, CFG16, _batches(rows), train=TrainConfig(out_dir=str(tmp_path / "a"), stop_after=8, **kw), **quiet)
+    fit(params, CFG16, _batches(rows), train=TrainConfig(out_dir=str(tmp_path / "b"), stop_after=4, **kw), **quiet)
+    b = fit(params, CFG16, _batches(rows), train=TrainConfig(out_dir=str(tmp_path / "b"), stop_after=8,
+                                                              resume=True, **kw), **quiet)
+    assert sum(r["skipped"] for r in a.history if r["kind"] == "train") >= 1
+    pa, pb = _np(a.state.params), _np(b.state.params)
+    assert all(np.array_equal(pa[k], pb[k]) for k in pa)
+    sa, sb = _np(a.state.loss_scale), _np(b.state.loss_scale)
+    assert sorted(sa) == ["good_steps", "scale"] and all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def _nan_after_two(step):
+    """A schedule that turns the third update's learning rate into NaN."""
+    s = step.astype(ms.float32) if isinstance(step, ms.Tensor) else ms.Tensor(step, ms.float32)
+    return ops.where(s >= 2.0, s * float("nan"), s * 0.0 + 1e-3)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(params, tmp_path):
+    rows = _rows(24, seed=6)
+    bad = adamw(_nan_after_two)
+    with pytest.raises(NonFiniteLossError, match="step_00000002") as err:
+        fit(params, CFG, _batches(rows), optim=bad, log=lambda s: None,
+            train=TrainConfig(out_dir=str(tmp_path), steps=6, log_every=1, save_every=2, plot=False))
+    assert "step 4" in str(err.value)
+    path, refused = latest_checkpoint(str(tmp_path))
+    assert os.path.basename(path) == "step_00000002" and not refused
+    assert [os.path.basename(p) for _, p in list_checkpoints(str(tmp_path))] == ["step_00000002"]
+    state, _, _ = load_checkpoint(path, bad)
+    assert all(np.isfinite(v).all() for v in _np(state.params).values())
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _corrupt(path, how):
+    if how == "truncated weights":
+        f = os.path.join(path, "model.safetensors")
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+        return "model.safetensors"
+    if how == "no state.json":
+        os.remove(os.path.join(path, "state.json"))
+        return "state.json is missing"
+    if how == "truncated optimizer":
+        f = os.path.join(path, "optimizer.safetensors")
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) - 8)
+        return "optimizer.safetensors"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated weights", "no state.json", "truncated optimizer"])
+def test_corrupt_or_partial_checkpoint_is_refused_and_previous_loads(resume_runs, tmp_path, how):
+    run = tmp_path / "run"
+    shutil.copytree(resume_runs["root"] / "b", run)
+    newest = str(run / "step_00000008")
+    needle = _corrupt(newest, how)
+    with pytest.raises(CheckpointError, match=needle) as err:
+        load_checkpoint(newest, OPT)
+    assert "step_00000008" in str(err.value)
+    path, refused = latest_checkpoint(str(run))
+    assert os.path.basename(path) == "step_00000004" and len(refused) == 1 and "step_00000008" in refused[0]
+    state, cfg, rec = load_checkpoint(path, OPT, expect_config=CFG)
+    ref = _np(resume_runs["b1"].state.params)
+    assert all(np.array_equal(v, ref[k]) for k, v in _np(state.params).items())
+    assert rec["step"] == 4 and int(state.step.asnumpy()) == 4
+
+
+def test_save_is_atomic_and_prunes(resume_runs, tmp_path, monkeypatch):
+    import tc2.train_checkpoint as tc
+    state = resume_runs["b1"].state
+    first = save_checkpoint(str(tmp_path), state, CFG)
+
+    def disk_full(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(tc, "write_safetensors", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(str(tmp_path), state.replace(step=ms.Tensor(5, ms.int32)), CFG)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(first)]     # no partial dir, no temp
+    validate_checkpoint(first)
+    monkeypatch.undo()
+    for s in (6, 7, 8):
+        save_checkpoint(str(tmp_path), state.replace(step=ms.Tensor(s, ms.int32)), CFG, keep=2)
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [7, 8]
+    with pytest.raises(CheckpointError, match="differs"):
+        load_checkpoint(str(tmp_path / "step_00000008"), OPT, expect_config=CFG.replace(n_layer=1))
+
+
+def test_evaluate_is_the_token_weighted_loss_over_all_rows(params):
+    rows = _rows(3, seed=9)
+    batches = eval_batches(rows, 2, PAD)                              # 2 batches, the last one filled
+    assert len(batches) == 2 and batches[1]["tokens"].shape == (2, T)
+    got = evaluate(params, CFG, batches)
+    full = train_batch(rows, PAD)
+    logits, _ = forward(params, ms.Tensor(full["tokens"]), CFG)
+    s, c = cross_entropy_sum(logits, ms.Tensor(full["labels"]))
+    assert got["eval_tokens"] == int(c.asnumpy())
+    assert got["eval_loss"] == pytest.approx(float(s.asnumpy()) / float(c.asnumpy()), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def _recipe():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
+    import finetune
+    return finetune
+
+
+@pytest.mark.parametrize("name", ["tiny", "telechat2_7b", "telechat2_35b", "telechat2_115b"])
+def test_recipe_configs_parse(name):
+    fin = _recipe()
+    path = os.path.join(os.path.dirname(__file__), "..", "recipes", "configs", f"finetune_{name}.yaml")
+    p = fin.build_parser()
+    init = p.instantiate(p.parse_args(["--config", path, "--optim.lr", "1e-4"]))
+    assert init.optim.lr == 1e-4
+    if name != "tiny":                                                 # the release's recipe, spec §9
+        assert (init.optim.b1, init.optim.b2, init.optim.eps, init.optim.weight_decay) == (0.9, 0.95, 1e-8, 0.1)
+        assert (init.optim.end_lr, init.optim.warmup_steps, init.optim.clip_norm) == (1.5e-5, 0, 1.0)
+        assert init.data.seq_length == 8192 and init.model.dtype == "bfloat16"
+        layout = {"telechat2_7b": (8, 1, 1, 1, "full"), "telechat2_35b": (1, 4, 4, 32, "full"),
+                  "telechat2_115b": (8, 8, 8, 8, "selective")}[name]
+        par = init.parallel
+        assert (par.dp, par.tp, par.pp, par.micro_batches, par.recompute) == layout and par.sequence_parallel
+
+
+def test_recipe_runs_end_to_end_on_jsonl(tmp_path, capsys):
+    from tc2.checkpoint import load_hf
+    from tc2.synthetic import corpus_text, make_examples
+    from tc2.tokenizer import train_tokenizer
+    fin = _recipe()
+    def mf_jsonl(examples, name):                        # MindFormers {input, output}: short rows
+        with open(tmp_path / name, "w", encoding="utf-8") as f:
+            for e in examples:
+                f.write(json.dumps({"input": e.question, "output": e.answer}, ensure_ascii=False) + "\n")
+        return str(tmp_path / name)
+    train = mf_jsonl(make_examples(120, seed=1), "train.jsonl")
+    ev = mf_jsonl(make_examples(12, seed=2, heldout=True), "eval.jsonl")
+    tok = train_tokenizer(corpus_text(make_examples(400, seed=3)), str(tmp_path / "tok"), vocab_size=512)
+    out = tmp_path / "run"
+    argv = ["--config", os.path.join(os.path.dirname(__file__), "..", "recipes", "configs", "finetune_tiny.yaml"),
+            "--model.overrides", "{}", "--data.train", train, "--data.eval", ev, "--data.tokenizer", tok,
+            "--data.seq_length", str(T), "--optim.lr", "1e-2", "--optim.end_lr", "1e-3",
+            "--optim.warmup_steps", "0", "--train.steps", str(STEPS), "--train.stop_after", "3",
+            "--train.epochs", "null", "--train.global_batch", str(B), "--train.micro_batch", "2",
+            "--train.log_every", "1", "--train.eval_every", "0", "--train.out_dir", str(out)]
+    assert fin.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"step +3/60 \| loss [0-9.]+ \| lr ", printed), printed
+    assert "eval loss" in printed and "checkpoint" in printed
+    params, cfg = load_hf(str(out / "step_00000003"))
+    assert cfg.vocab_size == 512
+    assert (out / "metrics.jsonl").is_file()
+    from tc2.train_loop import ParallelConfig                      # the single-process builder
+    # --model.load: a fine-tune starts from an HF directory's weights (here: our checkpoint)
+    loaded, lcfg, _, _, ltrain = fin.build_run(
+        fin.ModelArgs(load=str(out / "step_00000003")), fin.DataArgs(train=train, tokenizer=tok, seq_length=T),
+        fin.RunArgs(steps=5, global_batch=B, micro_batch=2, out_dir=str(tmp_path / "ft")), ParallelConfig(),
+        log=lambda s: None)
+    assert lcfg == CFG and ltrain.micro_batches == 2 and ltrain.steps == 5
+    assert all(np.array_equal(v, _np(params)[k]) for k, v in _np(loaded).items())
+    with pytest.raises(ValueError, match="needs 8 devices"):        # refuses a multi-device layout
+        fin.build_run(fin.ModelArgs(), fin.DataArgs(train=train), fin.RunArgs(), ParallelConfig(dp=8))
