@@ -20,10 +20,14 @@ def tree_map(fn, tree, *rest):
 
 
 def tree_leaves(tree) -> tuple:
-    """Leaves in a fixed order (dict keys sorted), as a flat tuple."""
+    """Leaves in the dicts' insertion order, as a flat tuple.
+
+    Not sorted: inside ms.jit a loop over `sorted(dict)` silently runs zero times, so graph
+    code must iterate the dict itself. `tree_unflatten` uses the same order.
+    """
     if isinstance(tree, dict):
         out = ()
-        for k in sorted(tree):
+        for k in tree:
             out = out + tree_leaves(tree[k])
         return out
     if isinstance(tree, tuple):
@@ -45,7 +49,7 @@ def tree_unflatten(like, leaves):
 def _unflatten(like, leaves):
     if isinstance(like, dict):
         out = {}
-        for k in sorted(like):
+        for k in like:
             out[k], leaves = _unflatten(like[k], leaves)
         return out, leaves
     if isinstance(like, tuple):
@@ -58,10 +62,10 @@ def _unflatten(like, leaves):
 
 
 def tree_flatten_with_names(tree, prefix: str = "") -> dict:
-    """{"layers.0.wq": leaf, ...}: dotted names, the form checkpoints use (host side only)."""
+    """{"layers.0.query": leaf, ...}: dotted names in `tree_leaves` order (host side only)."""
     if isinstance(tree, dict):
         out = {}
-        for k in sorted(tree):
+        for k in tree:
             out.update(tree_flatten_with_names(tree[k], f"{prefix}{k}."))
         return out
     if isinstance(tree, tuple):
