@@ -12,12 +12,17 @@ N_matmul counts the weights that enter matmuls (q, kv, dense, gate, up, down, lm
 the embedding table, which is a gather, nor norms and biases); the second term is QK^T and
 PV over the full (masked, not skipped) T x T score matrix. Steps get faster over the first
 calls, so each shape is warmed up before timing; the median step is reported.
+
+Each shape runs in its own process (memory is returned between shapes). Shape M runs its batch
+of 4 as 4 micro-batches of 1 (gradient accumulation: the same 2048 tokens per optimizer step):
+MindSpore 2.10 on CPU does not reuse the memory of broadcasting elementwise ops inside a
+graph, so one [4, 512] forward/backward needs more than the ~20 GB this machine has free.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from typing import List
+from typing import List, Optional
 
 import mindspore as ms
 import numpy as np
@@ -25,18 +30,18 @@ from jsonargparse import CLI
 
 from tc2.config import ModelConfig
 from tc2.model import init_params, param_specs
-from tc2.train import init_train_state, train_step
+from tc2.train import init_train_state, split_micro_batches, train_step
 from tc2.train_data import synthetic_batches
 from tc2.train_loop import OptimConfig, make_optimizer
 from tc2.tree import tree_flatten_with_names
 
 SHAPES = {
     "S": dict(model=dict(vocab_size=32000, hidden_size=256, n_layer=4, n_head=8, num_key_value_heads=2,
-                         ffn_hidden_size=768), seq=256, batch=4),
+                         ffn_hidden_size=768), seq=256, batch=4, micro=4),
     "M": dict(model=dict(vocab_size=32000, hidden_size=512, n_layer=8, n_head=8, num_key_value_heads=2,
-                         ffn_hidden_size=1536), seq=512, batch=4),
+                         ffn_hidden_size=1536), seq=512, batch=4, micro=1),
     "tiny": dict(model=dict(vocab_size=512, hidden_size=64, n_layer=2, n_head=4, num_key_value_heads=2,
-                            ffn_hidden_size=176), seq=64, batch=4),
+                            ffn_hidden_size=176), seq=64, batch=4, micro=4),
 }
 
 
@@ -66,13 +71,19 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq
 
 
-def bench_shape(name: str, warmup: int, steps: int) -> dict:
+def bench_shape(name: str, warmup: int, steps: int, micro: Optional[int] = None) -> dict:
+    import resource
     spec = SHAPES[name]
+    micro = micro or spec["micro"]
+    if spec["batch"] % micro:
+        raise ValueError(f"micro batch {micro} does not divide batch {spec['batch']}")
+    k = spec["batch"] // micro
     cfg = ModelConfig(**spec["model"], training_seqlen=spec["seq"], base_seqlen=spec["seq"],
                       seq_length=spec["seq"], dtype="float32")
     opt = make_optimizer(OptimConfig(), total_steps=1000)            # the release's recipe
     state = init_train_state(init_params(cfg, 0), opt)
-    data = synthetic_batches(cfg, spec["batch"], spec["seq"], seed=0)
+    stream = synthetic_batches(cfg, spec["batch"], spec["seq"], seed=0)
+    data = (split_micro_batches(b, k) if k > 1 else b for b in stream)
     t0 = time.perf_counter()
     state, _ = train_step(state, next(data), cfg, opt)                # compile + first step
     compile_s = time.perf_counter() - t0
@@ -89,11 +100,20 @@ def bench_shape(name: str, warmup: int, steps: int) -> dict:
     return dict(shape=name, params=sum(s.size for s in tree_flatten_with_names(param_specs(cfg)).values()),
                 n_matmul=matmul_params(cfg), tokens=tokens, compile_s=compile_s, step_s=step_s,
                 step_min=min(times), tok_s=tokens / step_s, flops=flops_per_token(cfg, spec["seq"]) * tokens,
-                loss=m["loss"])
+                loss=m["loss"], micro=f"{k}x{micro}",
+                peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+
+
+def _in_child(name: str, warmup: int, steps: int, micro: Optional[int]) -> dict:
+    """bench_shape in a fresh process, so each shape starts with the memory returned."""
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(bench_shape, (name, warmup, steps, micro))
 
 
 def main(argv=None) -> int:
-    def run(shapes: List[str] = ["S", "M"], warmup: int = 3, steps: int = 5, peak_size: int = 2048):
+    def run(shapes: List[str] = ["S", "M"], warmup: int = 3, steps: int = 5, peak_size: int = 2048,
+            micro_batch: Optional[int] = None):
         """Train-step throughput and MFU.
 
         Args:
@@ -101,13 +121,14 @@ def main(argv=None) -> int:
             warmup: steps after the compiling one before timing.
             steps: timed steps per shape (the median is reported).
             peak_size: n of the n^3 matmul that measures the peak.
+            micro_batch: rows per forward/backward for every shape (default: S 4, M 1).
         """
         for s in shapes:
             if s not in SHAPES:
                 raise ValueError(f"unknown shape {s!r}; choose from {sorted(SHAPES)}")
         ms.set_context(mode=ms.GRAPH_MODE)
         peak_before = matmul_peak(peak_size)
-        rows = [bench_shape(s, warmup, steps) for s in shapes]
+        rows = [_in_child(s, warmup, steps, micro_batch) for s in shapes]
         peak_after = matmul_peak(peak_size)
         peak = max(peak_before, peak_after)
         print(f"float32 matmul peak ({peak_size}^3, jitted, best of 5): before {peak_before / 1e9:.1f}, "
@@ -115,16 +136,17 @@ def main(argv=None) -> int:
         print("model FLOPs/token = 6 * N_matmul + 12 * n_layer * (n_head * head_dim) * seq "
               "(N_matmul: q, kv, dense, gate, up, down, lm_head)")
         print("one step = forward + backward + global-norm clip + AdamW, graph mode, float32, median of "
-              f"{steps} after {warmup} warmup steps")
-        head = (f"{'shape':<6}{'params':>12}{'N_matmul':>12}{'tok/step':>10}{'compile s':>11}{'step s':>9}"
-                f"{'tokens/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>8}")
+              f"{steps} after {warmup} warmup steps; compile s = compile + first step; k x mb = "
+              "micro-batches x rows; each shape in its own process")
+        head = (f"{'shape':<6}{'params':>12}{'N_matmul':>12}{'tok/step':>10}{'k x mb':>8}{'compile s':>11}"
+                f"{'step s':>9}{'tokens/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>8}{'peak GiB':>10}")
         print(head)
         print("-" * len(head))
         for r in rows:
             achieved = r["flops"] / r["step_s"]
-            print(f"{r['shape']:<6}{r['params']:>12,}{r['n_matmul']:>12,}{r['tokens']:>10}{r['compile_s']:>11.1f}"
-                  f"{r['step_s']:>9.3f}{r['tok_s']:>10.0f}{r['flops'] / 1e9:>12.1f}{achieved / 1e9:>9.1f}"
-                  f"{achieved / peak:>8.1%}")
+            print(f"{r['shape']:<6}{r['params']:>12,}{r['n_matmul']:>12,}{r['tokens']:>10}{r['micro']:>8}"
+                  f"{r['compile_s']:>11.1f}{r['step_s']:>9.3f}{r['tok_s']:>10.0f}{r['flops'] / 1e9:>12.1f}"
+                  f"{achieved / 1e9:>9.1f}{achieved / peak:>8.1%}{r['peak_gib']:>10.1f}")
         return 0
 
     return CLI(run, args=argv, as_positional=False)

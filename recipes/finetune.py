@@ -12,7 +12,6 @@ or official HF weights (`model.load DIR`). Everything this script does is a few 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -80,7 +79,6 @@ def build_parser() -> ArgumentParser:
 
 def build_run(model: ModelArgs, data: DataArgs, run: RunArgs, parallel: ParallelConfig, log=print):
     """-> (params, cfg, train batches, eval batches or None, TrainConfig): the library calls."""
-    import numpy as np  # noqa: F401  (keeps import time low for --help)
     from tc2.checkpoint import load_hf
     from tc2.config import PRESETS
     from tc2.model import count_params, init_params

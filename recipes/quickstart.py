@@ -35,9 +35,10 @@ def _stage(n: int, title: str) -> float:
 
 def run(out_dir: str = "runs/quickstart", n_train: int = 8000, n_heldout: int = 96,
         vocab_size: int = 800, hidden_size: int = 192, n_layer: int = 3, n_head: int = 6,
-        num_key_value_heads: int = 2, ffn_hidden_size: int = 512, seq_length: int = 256,
-        batch_size: int = 8, steps: int = 600, lr: float = 2e-3, eval_every: int = 100,
-        max_new_tokens: int = 32, show: int = 8, seed: int = 0) -> dict:
+        num_key_value_heads: int = 2, ffn_hidden_size: int = 512, seq_length: int = 128,
+        batch_size: int = 16, steps: int = 500, lr: float = 2e-3, eval_every: int = 100,
+        max_new_tokens: int = 32, show: int = 8, seed: int = 0,
+        tasks: tuple = ("add", "reverse", "convert", "capital")) -> dict:
     """Generate data, train a tokenizer, fine-tune a small TeleChat2, evaluate held-out prompts.
 
     Returns {"accuracy", "per_task", "eval_loss_first", "eval_loss_last", "checkpoint", ...}.
@@ -49,8 +50,8 @@ def run(out_dir: str = "runs/quickstart", n_train: int = 8000, n_heldout: int = 
     os.makedirs(out_dir)
 
     t = _stage(1, "data: generated bilingual chat tasks (addition, letter reversal, unit conversion, capitals)")
-    train_ex = make_examples(n_train, seed=seed)
-    held_ex = make_examples(n_heldout, seed=seed, heldout=True)
+    train_ex = make_examples(n_train, seed=seed, tasks=tuple(tasks))
+    held_ex = make_examples(n_heldout, seed=seed, heldout=True, tasks=tuple(tasks))
     data_path = write_dialog_jsonl(train_ex, os.path.join(out_dir, "data", "train.jsonl"))
     write_dialog_jsonl(held_ex, os.path.join(out_dir, "data", "heldout.jsonl"))
     for ex in train_ex[:4]:

@@ -260,16 +260,3 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     return GradientTransformation(init, update, current_lr if with_lr else None)
 
-
-def update_count(opt_state) -> Optional[ms.Tensor]:
-    """The first "count" found in an optimizer state (applied updates), or None. Host side."""
-    if isinstance(opt_state, dict):
-        if "count" in opt_state:
-            return opt_state["count"]
-        opt_state = tuple(opt_state.values())
-    if isinstance(opt_state, tuple):
-        for s in opt_state:
-            c = update_count(s)
-            if c is not None:
-                return c
-    return None

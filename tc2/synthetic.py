@@ -3,8 +3,8 @@
 Tasks (English and Chinese): small-number addition, letter reversal, unit conversion and
 capital-city facts. Every answer is determined by the question, so accuracy on held-out
 prompts measures learning, not luck: held-out prompts use operand pairs / letter strings that
-never occur in training (split by a hash of the operands), and facts are asked with a
-phrasing never used in training. Written in the official TeleChat2 dialog format.
+never occur in training (split by a hash of the operands), and capitals are asked in a
+phrasing that training used only for other countries. Written in the official TeleChat2 dialog format.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _heldout(*key) -> bool:
 
 def _add(r: random.Random, lang: str, heldout: bool) -> Example:
     while True:
-        a, b = r.randint(0, 30), r.randint(0, 30)
+        a, b = r.randint(0, 19), r.randint(0, 19)
         if _heldout("add", a, b) == heldout:
             break
     if lang == "en":
@@ -85,11 +85,19 @@ def _convert(r: random.Random, lang: str, heldout: bool) -> Example:
 
 
 def _capital(r: random.Random, lang: str, heldout: bool) -> Example:
-    en_c, en_cap, zh_c, zh_cap = r.choice(_CAPITALS)
+    """Training asks every country in phrasing A and half of them in phrasing B too; held-out
+    prompts ask the other half in phrasing B, so answering them needs the learned equivalence
+    of the phrasings, not a memorised prompt."""
+    while True:
+        i = r.randrange(len(_CAPITALS))
+        second = r.random() < 0.5 or heldout
+        if not second or (i % 2 == 1) == heldout:
+            break
+    en_c, en_cap, zh_c, zh_cap = _CAPITALS[i]
     if lang == "en":
-        q = f"Tell me the capital city of {en_c}." if heldout else f"What is the capital of {en_c}?"
+        q = f"Tell me the capital city of {en_c}." if second else f"What is the capital of {en_c}?"
         return Example("capital", lang, q, f"The capital of {en_c} is {en_cap}.")
-    q = f"请告诉我{zh_c}的首都是哪座城市。" if heldout else f"{zh_c}的首都是哪里？"
+    q = f"请告诉我{zh_c}的首都是哪座城市。" if second else f"{zh_c}的首都是哪里？"
     return Example("capital", lang, q, f"{zh_c}的首都是{zh_cap}。")
 
 

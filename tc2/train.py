@@ -144,8 +144,18 @@ def _objective(params, tokens, labels, positions, segment_ids, weight, cfg):
     return loss_sum * weight, loss_sum
 
 
-def _select(ok, new, old):
-    return ops.where(ok, new, old)
+def _keep_if(ok, new, old):
+    """`new` if the scalar bool `ok` else `old` (whole pytrees), as graph control flow.
+
+    Not a leaf-wise `ops.where(ok, new, old)`: on MindSpore 2.10 CPU the output of a
+    broadcasting elementwise op is never reused within a graph, so a where per leaf holds
+    several extra copies of the parameters and the optimizer state for the whole step.
+    """
+    if ok:
+        out = new
+    else:
+        out = old
+    return out
 
 
 def _finish(update, current_lr, ls: Optional[LossScaleConfig], params, opt_state, step, scale_state,
@@ -160,8 +170,7 @@ def _finish(update, current_lr, ls: Optional[LossScaleConfig], params, opt_state
     ok = ops.logical_and(ops.isfinite(gnorm), ops.isfinite(loss))
     updates, new_opt = update(grads, opt_state, params)
     new_params = apply_updates(params, updates)
-    params = tree_map(lambda n, o: _select(ok, n, o), new_params, params)
-    opt_state = tree_map(lambda n, o: _select(ok, n, o), new_opt, opt_state)
+    params, opt_state = _keep_if(ok, (new_params, new_opt), (params, opt_state))
     if scale_state is not None:
         scale, good = scale_state["scale"], scale_state["good_steps"] + 1
         grow = good >= ls.growth_interval

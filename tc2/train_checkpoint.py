@@ -37,7 +37,7 @@ VERSION = 1
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_TMP_DIR = re.compile(r"^\.tmp-step_\d+-(\d+)$")
+_TMP_DIR = re.compile(r"^\.(?:tmp|old)-step_\d+-(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -131,7 +131,7 @@ def _fsync(path: str) -> None:
 
 
 def _remove_stale_temps(directory: str) -> None:
-    """Temp dirs left by a crashed writer (its pid is gone) are garbage."""
+    """Temp (and replaced-checkpoint) dirs left by a crashed writer whose pid is gone."""
     for name in os.listdir(directory):
         m = _TMP_DIR.match(name)
         if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -316,7 +316,7 @@ def fit(params, cfg: ModelConfig, batches: Iterable[dict], *,
             rec = _train_record(step, m, window, tokens_seen, time.perf_counter() - t_start)
             metrics_log.write(rec)
             done = step - start - 1                      # wall time per step since the first,
-            per_step = (time.perf_counter() - t_first) / done if done else dt   # eval/saves included
+            per_step = (time.perf_counter() - t_first) / done if done else float("nan")  # evals, saves in
             log(_progress_line(rec, train.steps, per_step * (end - step), first, dt))
             window = _new_window()
         if eval_batches is not None and train.eval_every and step % train.eval_every == 0:
