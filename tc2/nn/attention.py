@@ -39,16 +39,17 @@ def attention_with_lse(q, k, v, q_pos, kv_pos, *, q_segment=None, kv_segment=Non
     if n_q != n_kv:
         kh = ops.repeat_interleave(kh, n_q // n_kv, axis=1)                  # [B, Nq, Tk, D]
         vh = ops.repeat_interleave(vh, n_q // n_kv, axis=1)
-    mask = causal_mask(q_pos, kv_pos, q_segment, kv_segment)                 # [B, 1, Tq, Tk]
     s = _bmm_nt(qh, kh).astype(ms.float32) * scale                          # [B, Nq, Tq, Tk]
-    s = ops.where(mask, s, NEG)
-    mx = s.max(axis=-1, keepdims=True)                                       # [B, Nq, Tq, 1]
-    p = ops.where(mask, ops.exp(s - mx), 0.0)
-    denom = p.sum(axis=-1, keepdims=True)
-    seen = denom > 0
-    p = p / ops.where(seen, denom, 1.0)
+    # Full-shape mask and fill, fused softmax: on CPU graphs, broadcasting inside where/sub/div
+    # over [B, N, Tq, Tk] kept extra buffers alive (7.9 -> 4.x GB for a 57M model at 4x512).
+    mask = causal_mask(q_pos, kv_pos, q_segment, kv_segment).broadcast_to(s.shape)
+    s = ops.select(mask, s, ops.full_like(s, NEG))
+    p = ops.softmax(s, -1)
+    lse = ops.logsumexp(s, -1, True)                                         # [B, Nq, Tq, 1]
+    seen = mask.any(-1, keep_dims=True)                                      # [B, Nq, Tq, 1]
     out = _bmm(p.astype(v.dtype), vh).astype(ms.float32)                    # [B, Nq, Tq, D]
-    lse = ops.where(seen, mx + ops.log(ops.where(seen, denom, 1.0)), NEG)    # [B, Nq, Tq, 1]
+    out = ops.where(seen, out, 0.0)
+    lse = ops.where(seen, lse, NEG)
     return out.transpose(0, 2, 1, 3), lse.squeeze(-1)
 
 
