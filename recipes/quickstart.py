@@ -23,7 +23,7 @@ import tc2
 from tc2.data import ChatTokens, PackConfig, pack_examples, read_examples
 from tc2.generate import generate_batched
 from tc2.records import BatchIterator
-from tc2.synthetic import corpus_text, make_examples, write_dialog_jsonl
+from tc2.synthetic import SYSTEM, corpus_text, make_examples, write_dialog_jsonl
 from tc2.train_data import TrainBatches, eval_batches, split_rows
 from tc2.train_loop import OptimConfig, TrainConfig, evaluate, fit
 
@@ -36,7 +36,7 @@ def _stage(n: int, title: str) -> float:
 def run(out_dir: str = "runs/quickstart", n_train: int = 8000, n_heldout: int = 96,
         vocab_size: int = 800, hidden_size: int = 192, n_layer: int = 3, n_head: int = 6,
         num_key_value_heads: int = 2, ffn_hidden_size: int = 512, seq_length: int = 128,
-        batch_size: int = 16, steps: int = 500, lr: float = 2e-3, eval_every: int = 100,
+        batch_size: int = 16, steps: int = 700, lr: float = 2e-3, eval_every: int = 100,
         max_new_tokens: int = 32, show: int = 8, seed: int = 0,
         tasks: tuple = ("add", "reverse", "convert", "capital")) -> dict:
     """Generate data, train a tokenizer, fine-tune a small TeleChat2, evaluate held-out prompts.
@@ -119,8 +119,9 @@ def run(out_dir: str = "runs/quickstart", n_train: int = 8000, n_heldout: int = 
     total = time.perf_counter() - t_start
     first, last = initial, evals_seen[-1]["eval_loss"]
     print(f"  eval loss {first:.3f} -> {last:.3f}; accuracy {accuracy:.1%}; total time {total / 60:.1f} min")
-    print(f"  chat with it:      python recipes/chat.py --checkpoint {ckpt}")
-    print(f"  batch prediction:  python recipes/predict.py --checkpoint {ckpt} --input_file prompts.jsonl")
+    system = f'--system "{SYSTEM}"'          # the system prompt it was trained with
+    print(f"  chat with it:      python recipes/chat.py --checkpoint {ckpt} {system}")
+    print(f"  batch prediction:  python recipes/predict.py --checkpoint {ckpt} {system} --input_file prompts.jsonl")
     print(f"  metrics and curve: {os.path.join(out_dir, 'train', 'metrics.jsonl')}")
     return {"accuracy": accuracy, "per_task": {k: c / n for k, (c, n) in per_task.items()},
             "eval_loss_first": first, "eval_loss_last": last, "checkpoint": ckpt,
