@@ -179,19 +179,21 @@ def check_mesh(cfg: ModelConfig, mesh: Mesh, rules=None) -> None:
         raise ShardingError(f"n_layer={cfg.n_layer} is not divisible by {layer_axis}={n_stage} "
                             f"(every pipeline stage holds the same number of layers)")
     units = {"q_heads": cfg.n_head, "kv_heads": cfg.num_key_value_heads}
-    for name, spec in tree_flatten_with_names(param_specs(cfg)).items():
-        for dim, (logical, m) in enumerate(zip(spec.axes, mesh_axes(spec.axes, rules, where=name))):
-            n = mesh.axis_size(m)
-            if n == 1:
-                continue
-            if logical in units and units[logical] % n:
-                raise ShardingError(
-                    f"{name}: {_UNIT_NAMES[logical]}={units[logical]} is not divisible by "
-                    f"{m}={n}; each {m} rank must hold whole heads"
-                    + (f" ({m} may be at most {units[logical]})" if n > units[logical] else ""))
-            if spec.shape[dim] % n:
-                raise ShardingError(f"{name}: dim {dim} ({logical}) of size {spec.shape[dim]} is not "
-                                    f"divisible by {m}={n}")
+    specs = tree_flatten_with_names(param_specs(cfg))
+    sharded = [(name, spec, dim, logical, m, mesh.axis_size(m))
+               for name, spec in specs.items()
+               for dim, (logical, m) in enumerate(zip(spec.axes, mesh_axes(spec.axes, rules, where=name)))
+               if mesh.axis_size(m) > 1]
+    for name, spec, dim, logical, m, n in sharded:       # whole heads first: the likelier mistake
+        if logical in units and units[logical] % n:
+            raise ShardingError(
+                f"{name}: {_UNIT_NAMES[logical]}={units[logical]} is not divisible by "
+                f"{m}={n}; each {m} rank must hold whole heads"
+                + (f" ({m} may be at most {units[logical]})" if n > units[logical] else ""))
+    for name, spec, dim, logical, m, n in sharded:
+        if spec.shape[dim] % n:
+            raise ShardingError(f"{name}: dim {dim} ({logical}) of size {spec.shape[dim]} is not "
+                                f"divisible by {m}={n}")
 
 
 def stage_layers(cfg: ModelConfig, mesh: Mesh, stage: int, rules=None) -> range:
