@@ -145,7 +145,14 @@ def compiled_steps(cfg: ModelConfig, sampling: Optional[SamplingConfig], vocab_l
             presence = mark_present(presence, tok)
         return tok, last, (cache["k"], cache["v"], cache["pos"], cache["length"]), presence
 
-    return ms.jit(step), ms.jit(step)
+    # two function objects: jitting one function twice makes MindSpore warn about recompiling
+    def prefill(params, tokens, positions, cache, presence, uniform):
+        return step(params, tokens, positions, cache, presence, uniform)
+
+    def decode(params, tokens, positions, cache, presence, uniform):
+        return step(params, tokens, positions, cache, presence, uniform)
+
+    return ms.jit(prefill), ms.jit(decode)
 
 
 def _as_cache(parts) -> dict:
