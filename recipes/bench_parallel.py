@@ -59,26 +59,18 @@ def _attention_inputs(seq, heads, kv_heads, head_dim):
     return q, k, v, np.arange(seq, dtype=np.int32)[None]
 
 
-def _full_attention_fn():
+def _attention_fwd_bwd(ring_ctx=None):
+    """Jitted forward+backward of attention summed to a loss: full causal attention, or ring
+    attention over `ring_ctx`'s context-parallel group."""
     import mindspore as ms
     from tc2.nn import attention_with_lse
-
-    def loss(q, k, v, pos):
-        out, _ = attention_with_lse(q, k, v, pos, pos)
-        return out.sum()
-
-    @ms.jit
-    def fwd_bwd(q, k, v, pos):
-        return ms.grad(loss, grad_position=(0, 1, 2))(q, k, v, pos)
-    return fwd_bwd
-
-
-def _ring_attention_fn(ctx):
-    import mindspore as ms
     from tc2.nn.ring import ring_attention
 
     def loss(q, k, v, pos):
-        out, _ = ring_attention(q, k, v, pos, pos, rotate=ctx.rotate, ring_size=ctx.cp)
+        if ring_ctx is None:
+            out, _ = attention_with_lse(q, k, v, pos, pos)
+        else:
+            out, _ = ring_attention(q, k, v, pos, pos, rotate=ring_ctx.rotate, ring_size=ring_ctx.cp)
         return out.sum()
 
     @ms.jit
@@ -119,7 +111,7 @@ def worker(out_file: str, args: dict) -> None:
     ctx = spmd_context(Mesh(cp=2))
     q, k, v, pos = _attention_inputs(args["ring_seq"], args["heads"], args["attn_kv_heads"], args["head_dim"])
     local = [ms.Tensor(fold_ranks(a, 2, "zigzag")[ctx.cp_rank:ctx.cp_rank + 1]) for a in (q, k, v, pos)]
-    fn = _ring_attention_fn(ctx)
+    fn = _attention_fwd_bwd(ctx)
     ring_first, ring_t = _timed(lambda: _sync(fn(*local)), args["warmup"], args["iters"])
     if get_rank() == 0:
         with open(out_file, "w") as f:
@@ -157,7 +149,7 @@ def run(hidden: int = 256, n_layer: int = 2, n_head: int = 4, kv_heads: int = 2,
         state["s"], _ = train_step(state["s"], data, cfg, opt)
     one_first, one_step = _timed(step, warmup, iters)
     q, k, v, pos = (ms.Tensor(a) for a in _attention_inputs(ring_seq, heads, attn_kv_heads, head_dim))
-    full = _full_attention_fn()
+    full = _attention_fwd_bwd()
     full_first, full_t = _timed(lambda: _sync(full(q, k, v, pos)), warmup, iters)
 
     with tempfile.TemporaryDirectory() as tmp:
