@@ -92,11 +92,11 @@ def worker(out_file: str, args: dict) -> None:
     import mindspore as ms
     from tc2.model import init_params
     from tc2.optim import adamw
-    from tc2.parallel import spmd_context
+    from tc2.parallel.collectives import spmd_context
     from tc2.nn.ring import fold_ranks
-    from tc2.parallel_train import spmd_train_step
-    from tc2.sharding import Mesh, shard_params
-    from tc2.train import init_train_state
+    from tc2.parallel.spmd_step import spmd_train_step
+    from tc2.parallel.sharding import Mesh, shard_params
+    from tc2.step import init_train_state
 
     cfg = _model_cfg(**{k: args[k] for k in ("hidden", "n_layer", "n_head", "kv_heads", "ffn", "vocab", "seq")})
     batch = _batch(cfg, args["batch"], args["seq"])
@@ -131,7 +131,7 @@ def run(hidden: int = 256, n_layer: int = 2, n_head: int = 4, kv_heads: int = 2,
     import mindspore as ms
     from tc2.model import count_params, init_params
     from tc2.optim import adamw, chain, clip_by_global_norm
-    from tc2.train import init_train_state, train_step
+    from tc2.step import init_train_state, train_step
 
     args = dict(hidden=hidden, n_layer=n_layer, n_head=n_head, kv_heads=kv_heads, ffn=ffn, vocab=vocab,
                 batch=batch, seq=seq, ring_seq=ring_seq, heads=heads, attn_kv_heads=attn_kv_heads,

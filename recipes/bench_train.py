@@ -30,9 +30,9 @@ from jsonargparse import CLI
 
 from tc2.config import ModelConfig
 from tc2.model import init_params, param_specs
-from tc2.train import init_train_state, split_micro_batches, train_step
-from tc2.train_data import synthetic_batches
-from tc2.train_loop import OptimConfig, make_optimizer
+from tc2.step import init_train_state, split_micro_batches, train_step
+from tc2.train.batches import synthetic_batches
+from tc2.train.loop import OptimConfig, make_optimizer
 from tc2.tree import tree_flatten_with_names
 
 SHAPES = {

@@ -23,7 +23,7 @@ from jsonargparse import ArgumentParser
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from predict import add_model_args, fail, load_model  # noqa: E402  (sibling recipe: shared flags)
 
-from tc2.chat import DEFAULT_SYSTEM_PROMPT, render_chat  # noqa: E402
+from tc2.data.chat import DEFAULT_SYSTEM_PROMPT, render_chat  # noqa: E402
 from tc2.generate import generate, stream_text  # noqa: E402
 
 HELP = """commands: /reset, /system <text>, /system, /help, /quit; Ctrl-D quits"""

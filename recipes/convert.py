@@ -21,7 +21,7 @@ from typing import Literal, Optional
 
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from tc2.convert import convert_checkpoint, export_training_checkpoint, verify_checkpoints
+from tc2.checkpoint.convert import convert_checkpoint, export_training_checkpoint, verify_checkpoints
 
 DType = Literal["float32", "float16", "bfloat16"]
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Union
 
 from jsonargparse import ArgumentParser
 
-from tc2.train_loop import OptimConfig, ParallelConfig, TrainConfig, fit
+from tc2.train.loop import OptimConfig, ParallelConfig, TrainConfig, fit
 
 
 @dataclass
@@ -79,12 +79,12 @@ def build_parser() -> ArgumentParser:
 
 def build_run(model: ModelArgs, data: DataArgs, run: RunArgs, parallel: ParallelConfig, log=print):
     """-> (params, cfg, train batches, eval batches or None, TrainConfig): the library calls."""
-    from tc2.checkpoint import load_hf
+    from tc2.checkpoint.hf import load_hf
     from tc2.config import PRESETS
     from tc2.model import count_params, init_params
-    from tc2.records import BatchIterator
-    from tc2.tokenizer import Tokenizer
-    from tc2.train_data import TrainBatches, eval_batches, load_rows, split_rows
+    from tc2.data.records import BatchIterator
+    from tc2.data.tokenizer import Tokenizer
+    from tc2.train.batches import TrainBatches, eval_batches, load_rows, split_rows
 
     if parallel.size > 1:
         raise ValueError(f"parallel layout {parallel.describe()} needs {parallel.size} devices: run it "
@@ -188,7 +188,7 @@ def main_parallel(args, init) -> int:
     msrun --worker_num=N --local_worker_num=N --master_port=PORT --log_dir=LOGS --join=True \\
         recipes/finetune.py --config ... --parallel.dp 2 --parallel.tp 2 (N = dp*cp*tp)
     """
-    from tc2.parallel_fit import context_for, fit_parallel
+    from tc2.parallel.spmd_fit import context_for, fit_parallel
     t0 = time.perf_counter()
     try:
         ctx = context_for(init.parallel)             # first: msrun's scheduler process stops here

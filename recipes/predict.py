@@ -23,12 +23,12 @@ from typing import List, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from tc2.chat import render_chat
-from tc2.checkpoint import load_hf
-from tc2.data import ChatTokens, DataError, mf_turns
+from tc2.data.chat import render_chat
+from tc2.checkpoint.hf import load_hf
+from tc2.data.sft import ChatTokens, DataError, mf_turns
 from tc2.generate import generate_batched
 from tc2.sampling import SamplingConfig
-from tc2.tokenizer import Tokenizer
+from tc2.data.tokenizer import Tokenizer
 
 
 def add_model_args(p: ArgumentParser) -> None:

@@ -12,8 +12,8 @@ import time
 
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from tc2.data import ChatTokens, DataError, PackConfig, preprocess
-from tc2.tokenizer import Tokenizer
+from tc2.data.sft import ChatTokens, DataError, PackConfig, preprocess
+from tc2.data.tokenizer import Tokenizer
 
 BAD_INPUT_HELP = """\
 Bad input (malformed JSON, missing key, <_user>/<_bot>/<_end> turn count mismatch, a dialog

@@ -20,12 +20,12 @@ from collections import defaultdict
 from jsonargparse import CLI
 
 import tc2
-from tc2.data import ChatTokens, PackConfig, pack_examples, read_examples
+from tc2.data.sft import ChatTokens, PackConfig, pack_examples, read_examples
 from tc2.generate import generate_batched
-from tc2.records import BatchIterator
-from tc2.synthetic import SYSTEM, corpus_text, make_examples, write_dialog_jsonl
-from tc2.train_data import TrainBatches, eval_batches, split_rows
-from tc2.train_loop import OptimConfig, TrainConfig, evaluate, fit
+from tc2.data.records import BatchIterator
+from tc2.data.synthetic import SYSTEM, corpus_text, make_examples, write_dialog_jsonl
+from tc2.train.batches import TrainBatches, eval_batches, split_rows
+from tc2.train.loop import OptimConfig, TrainConfig, evaluate, fit
 
 
 def _stage(n: int, title: str) -> float:

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from jsonargparse import ArgumentParser
 
-from tc2.tokenizer import Tokenizer, train_tokenizer
+from tc2.data.tokenizer import Tokenizer, train_tokenizer
 
 
 def jsonl_texts(path: str) -> Iterator[str]:

@@ -25,10 +25,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from .cache import PAD_POS, init_cache
-from .config import ModelConfig
-from .model import forward
-from .sampling import NEG, SamplingConfig, mark_present, next_token
+from tc2.cache import PAD_POS, init_cache
+from tc2.config import ModelConfig
+from tc2.model import forward
+from tc2.sampling import NEG, SamplingConfig, mark_present, next_token
 
 __all__ = ["generate", "generate_ids", "generate_batched", "stream_text", "PromptBatch",
            "pack_prompts", "compiled_steps", "prompt_bucket"]

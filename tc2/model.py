@@ -17,10 +17,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from .cache import PAD_POS, cache_slots, write_slots
-from .config import ModelConfig
-from .nn import apply_rope, attention, linear, rms_norm, rope_cos_sin, swiglu
-from .tree import tree_flatten_with_names, tree_leaves, tree_map, tree_unflatten
+from tc2.cache import PAD_POS, cache_slots, write_slots
+from tc2.config import ModelConfig
+from tc2.nn import apply_rope, attention, linear, rms_norm, rope_cos_sin, swiglu
+from tc2.tree import tree_flatten_with_names, tree_leaves, tree_map, tree_unflatten
 
 IGNORE_INDEX = -100
 

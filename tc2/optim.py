@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import mindspore as ms
 from mindspore import ops
 
-from .tree import tree_map
+from tc2.tree import tree_map
 
 # --------------------------------------------------------------------------- schedules
 

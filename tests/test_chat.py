@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from tc2.chat import (DEFAULT_SYSTEM_PROMPT, render_chat, render_chat_text, template_segments,
+from tc2.data.chat import (DEFAULT_SYSTEM_PROMPT, render_chat, render_chat_text, template_segments,
                       template_system_text)
-from tc2.tokenizer import Tokenizer, synthetic_corpus, train_tokenizer
+from tc2.data.tokenizer import Tokenizer, synthetic_corpus, train_tokenizer
 
 SHARED = os.environ.get("TC2_SHARED")
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import tc2
-from tc2.checkpoint import INDEX, SINGLE, hf_name, hf_shapes, load_hf, save_hf
-from tc2.safetensors_io import bf16_bits_from_f32, f32_from_bf16_bits, write_safetensors
+from tc2.checkpoint.hf import INDEX, SINGLE, hf_name, hf_shapes, load_hf, save_hf
+from tc2.checkpoint.safetensors import bf16_bits_from_f32, f32_from_bf16_bits, write_safetensors
 from tc2.tree import tree_flatten_with_names, tree_leaves
 
 CFG = tc2.tiny(n_layer=2)
@@ -81,7 +81,7 @@ def test_sharded_save_writes_an_index_and_loads_back(params, tmp_path):
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 2.0 ** -8), ("float16", 2.0 ** -11)])
 def test_half_precision_on_disk_within_rounding(params, tmp_path, dtype, tol):
     save_hf(params, CFG, tmp_path / "m", dtype=dtype)
-    from tc2.safetensors_io import read_header
+    from tc2.checkpoint.safetensors import read_header
     header = read_header(str(tmp_path / "m" / SINGLE))
     assert {v["dtype"] for v in header.values()} == {"BF16" if dtype == "bfloat16" else "F16"}
     loaded, _ = load_hf(str(tmp_path / "m"))
@@ -105,7 +105,7 @@ def test_reads_bf16_written_by_mindspore(tmp_path):
     a = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
     ms.save_checkpoint([{"name": "x", "data": ms.Tensor(a).astype(ms.bfloat16)}], str(tmp_path / "x.safetensors"),
                        format="safetensors")
-    from tc2.safetensors_io import open_safetensors
+    from tc2.checkpoint.safetensors import open_safetensors
     with open_safetensors(str(tmp_path / "x.safetensors")) as (header, get):
         assert header["x"]["dtype"] == "BF16"
         np.testing.assert_allclose(get("x"), a, rtol=2 ** -8)
@@ -120,7 +120,7 @@ def _saved(params, tmp_path, **kw):
 
 
 def _rewrite(path, drop=None, add=None, reshape=None):
-    from tc2.safetensors_io import open_safetensors
+    from tc2.checkpoint.safetensors import open_safetensors
     with open_safetensors(str(path / SINGLE)) as (header, get):
         arrays = {n: get(n) for n in header}
     if drop:
@@ -191,7 +191,7 @@ def test_failed_save_leaves_existing_checkpoint_untouched(params, tmp_path):
     class Boom(Exception):
         pass
 
-    from tc2 import checkpoint as ck
+    from tc2.checkpoint import hf as ck
 
     def exploding(params, cfg):                   # fails midway through writing the tensors
         for i, item in enumerate(ck.hf_arrays(params, cfg)):
@@ -214,8 +214,8 @@ BIG = tc2.ModelConfig(vocab_size=32000, hidden_size=1024, n_layer=2, n_head=16, 
                       ffn_hidden_size=2048)
 RSS_SCRIPT = """
 import json, sys
-from tc2.checkpoint import hf_arrays, load_hf, save_hf
-from tc2.safetensors_io import encode_tensor
+from tc2.checkpoint.hf import hf_arrays, load_hf, save_hf
+from tc2.checkpoint.safetensors import encode_tensor
 
 def high_water():                 # this process's own peak RSS (bytes); ru_maxrss inherits the parent's
     with open("/proc/self/status") as f:
@@ -282,7 +282,7 @@ def test_written_files_match_the_safetensors_library_for_every_dtype(tmp_path):
     and files the library writes read back by ours: values, dtypes, shapes and metadata."""
     from safetensors import safe_open
     from safetensors.numpy import save_file
-    from tc2.safetensors_io import SafetensorsFile, encode_tensor
+    from tc2.checkpoint.safetensors import SafetensorsFile, encode_tensor
     rng = np.random.default_rng(3)
     x = rng.standard_normal((5, 7)).astype(np.float32)
     arrays = {"f32": x, "f16": x.astype(np.float16), "f64": x.astype(np.float64), "bf16": encode_tensor(x, "bfloat16"),
@@ -314,7 +314,7 @@ def test_written_files_match_the_safetensors_library_for_every_dtype(tmp_path):
 
 
 def test_writer_refuses_out_of_order_misshaped_and_missing_tensors(tmp_path):
-    from tc2.safetensors_io import SafetensorsWriter
+    from tc2.checkpoint.safetensors import SafetensorsWriter
     path = str(tmp_path / "w.safetensors")
     entries = [("a", (2, 3), "float32"), ("b", (4,), "bfloat16")]
     with pytest.raises(ValueError, match="expected a, got b"):
@@ -352,7 +352,7 @@ def test_failed_save_into_a_new_path_leaves_nothing(params, tmp_path):
 
 
 def test_write_hf_dir_follows_sizes_order_and_rejects_a_wrong_stream(params, tmp_path):
-    from tc2 import checkpoint as ck
+    from tc2.checkpoint import hf as ck
     pairs = list(ck.hf_arrays(params, CFG))[::-1]                        # any order, announced by sizes
     ck.write_hf_dir(iter(pairs), CFG, str(tmp_path / "rev"), sizes=[(n, a.nbytes) for n, a in pairs],
                     max_shard_size="60KB")

@@ -16,10 +16,10 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-import tc2.convert as convert_mod
-from tc2.checkpoint import INDEX, load_hf, save_hf
+import tc2.checkpoint.convert as convert_mod
+from tc2.checkpoint.hf import INDEX, load_hf, save_hf
 from tc2.config import ModelConfig, tiny
-from tc2.convert import convert_checkpoint, open_checkpoint, verify_checkpoints
+from tc2.checkpoint.convert import convert_checkpoint, open_checkpoint, verify_checkpoints
 from tc2.model import param_specs
 from tc2.tree import tree_flatten_with_names, tree_unflatten_from_names
 
@@ -126,7 +126,7 @@ def test_half_precision_round_trips_round_like_mindspore(hf_dir, hf_arrays, tmp_
 
 
 def _hf_names():
-    from tc2.checkpoint import hf_name
+    from tc2.checkpoint.hf import hf_name
     return {n: hf_name(n) for n in tree_flatten_with_names(param_specs(CFG))}
 
 
@@ -341,8 +341,8 @@ def test_recipe_subcommands(hf_dir, tmp_path, capsys):
 
 def test_recipe_exports_the_newest_complete_training_checkpoint(params, tmp_path, capsys):
     from tc2.optim import adamw
-    from tc2.train import init_train_state
-    from tc2.train_checkpoint import save_checkpoint
+    from tc2.step import init_train_state
+    from tc2.train.checkpoints import save_checkpoint
     run = str(tmp_path / "run")
     for step, scale in ((10, 1.0), (20, 2.0)):
         state = init_train_state(as_tree({n: a * scale for n, a in params.items()}), adamw(), step=step)
@@ -364,7 +364,7 @@ BIG = ModelConfig(vocab_size=32000, hidden_size=1024, n_layer=2, n_head=16, num_
                   ffn_hidden_size=2048)
 RSS_SCRIPT = """
 import json, resource, sys
-from tc2.convert import convert_checkpoint
+from tc2.checkpoint.convert import convert_checkpoint
 
 def high_water_kb():
     # getrusage's ru_maxrss of a child starts at its parent's high-water mark (Linux keeps it
@@ -376,7 +376,7 @@ def high_water_kb():
 base, base_rusage = high_water_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 kw = json.loads(sys.argv[3])
 if kw.pop("control", False):        # holds every tensor: what the limit must catch
-    from tc2.convert import open_checkpoint
+    from tc2.checkpoint.convert import open_checkpoint
     with open_checkpoint(sys.argv[1]) as ck:
         held = [ck.read(n) for n in ck.tensors]
 else:
@@ -390,7 +390,7 @@ print(json.dumps({"base_kb": base, "peak_kb": high_water_kb(), "base_rusage_kb":
 def big_hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("big")
     rng = np.random.default_rng(0)
-    from tc2.checkpoint import hf_shapes
+    from tc2.checkpoint.hf import hf_shapes
     tensors = {n: rng.random(shape, dtype=np.float32) for n, (shape, _) in hf_shapes(BIG).items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     json.dump(BIG.to_hf(), open(path / "config.json", "w"))

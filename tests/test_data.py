@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tc2.data import (IGNORE_INDEX, ChatTokens, DataError, Example, PackConfig, example_from_json,
+from tc2.data.sft import (IGNORE_INDEX, ChatTokens, DataError, Example, PackConfig, example_from_json,
                       pack_examples, preprocess, read_examples, segments_from_rows)
-from tc2.records import BatchIterator, read_mindrecord, write_mindrecord
-from tc2.tokenizer import Tokenizer, synthetic_corpus, train_tokenizer
+from tc2.data.records import BatchIterator, read_mindrecord, write_mindrecord
+from tc2.data.tokenizer import Tokenizer, synthetic_corpus, train_tokenizer
 
 SHARED = os.environ.get("TC2_SHARED")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

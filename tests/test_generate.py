@@ -151,9 +151,9 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from tc2.chat import render_chat  # noqa: E402
-from tc2.checkpoint import save_hf  # noqa: E402
-from tc2.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from tc2.data.chat import render_chat  # noqa: E402
+from tc2.checkpoint.hf import save_hf  # noqa: E402
+from tc2.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RCFG = tc2.tiny(n_layer=1)

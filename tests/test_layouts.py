@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from tc2.config import telechat2_7b, telechat2_35b, telechat2_115b
-from tc2.layouts import op_strategies, param_layouts, param_strategies, pipeline_stages
+from tc2.parallel.layouts import op_strategies, param_layouts, param_strategies, pipeline_stages
 from tc2.model import param_specs
-from tc2.sharding import Mesh, local_param_specs, stage_layers
+from tc2.parallel.sharding import Mesh, local_param_specs, stage_layers
 from tc2.tree import tree_flatten_with_names
 
 RELEASE = [(telechat2_7b(), Mesh(dp=8)), (telechat2_35b(), Mesh(tp=4, pp=4)),

@@ -2,9 +2,9 @@
 import pytest
 
 from tc2.config import telechat2_7b, telechat2_35b
-from tc2.memory import GiB, layer_activation_bytes, plan_memory, release_plans
+from tc2.parallel.memory import GiB, layer_activation_bytes, plan_memory, release_plans
 from tc2.model import count_params
-from tc2.sharding import Mesh, local_param_specs
+from tc2.parallel.sharding import Mesh, local_param_specs
 from tc2.tree import tree_leaves
 
 def test_memory_plan_7b_dp8_matches_hand_calculation():

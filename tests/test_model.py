@@ -39,7 +39,7 @@ def test_presets_count_exactly_the_release_parameters():
 
 def test_115b_specs_match_the_official_safetensors_index(shared_dir):
     """Every name in the release's index, and its fp32 byte total, agree with param_specs."""
-    from tc2.checkpoint import hf_shapes
+    from tc2.checkpoint.hf import hf_shapes
     with open(os.path.join(shared_dir, "telechat2", "model.safetensors.index-115b.json")) as f:
         index = json.load(f)
     cfg = tc2.ModelConfig.from_hf(os.path.join(shared_dir, "telechat2", "config-115b.json"))

@@ -9,8 +9,8 @@ from tc2.cache import PAD_POS
 from tc2.config import tiny
 from tc2.model import cross_entropy_sum, forward, init_params
 from tc2.nn.ring import unfold_ranks
-from tc2.parallel import fold_batch, local_context, shard_batch, spmd_forward, spmd_loss_sums
-from tc2.sharding import Mesh
+from tc2.parallel.collectives import fold_batch, local_context, shard_batch, spmd_forward, spmd_loss_sums
+from tc2.parallel.sharding import Mesh
 from tc2.tree import tree_flatten_with_names
 
 CFG = tiny(n_layer=2)                 # training_seqlen 64

@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
 import quickstart  # noqa: E402
 
-from tc2.synthetic import make_examples  # noqa: E402
+from tc2.data.synthetic import make_examples  # noqa: E402
 
 
 def test_heldout_prompts_never_occur_in_training():

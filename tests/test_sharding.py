@@ -4,7 +4,7 @@ import pytest
 
 from tc2.config import telechat2_7b, telechat2_35b, telechat2_115b, tiny
 from tc2.model import init_params, param_specs
-from tc2.sharding import (DEFAULT_RULES, Mesh, ShardingError, check_mesh, leaf_key, local_param_specs,
+from tc2.parallel.sharding import (DEFAULT_RULES, Mesh, ShardingError, check_mesh, leaf_key, local_param_specs,
                           mesh_axes, param_mesh_axes, param_slices, shard_params, split_dim,
                           unshard_params)
 from tc2.tree import tree_flatten_with_names

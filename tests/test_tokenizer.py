@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 from hypothesis import given, settings, strategies as st
 
-from tc2.tokenizer import (DEFAULT_SPECIAL_TOKENS, Tokenizer, synthetic_corpus, train_tokenizer)
+from tc2.data.tokenizer import (DEFAULT_SPECIAL_TOKENS, Tokenizer, synthetic_corpus, train_tokenizer)
 
 SHARED = os.environ.get("TC2_SHARED")
 needs_shared = pytest.mark.skipif(

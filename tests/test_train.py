@@ -18,13 +18,13 @@ from mindspore import ops
 from tc2.config import tiny
 from tc2.model import IGNORE_INDEX, cross_entropy_sum, forward, init_params, loss_fn
 from tc2.optim import adamw
-from tc2.records import BatchIterator
-from tc2.train import (LossScaleConfig, as_micro_batches, grads_and_loss, init_train_state,
+from tc2.data.records import BatchIterator
+from tc2.step import (LossScaleConfig, as_micro_batches, grads_and_loss, init_train_state,
                        split_micro_batches, train_step)
-from tc2.train_checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+from tc2.train.checkpoints import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                                   save_checkpoint, validate_checkpoint)
-from tc2.train_data import TrainBatches, eval_batches, split_rows, train_batch
-from tc2.train_loop import (NonFiniteLossError, OptimConfig, TrainConfig, evaluate, fit, make_optimizer)
+from tc2.train.batches import TrainBatches, eval_batches, split_rows, train_batch
+from tc2.train.loop import (NonFiniteLossError, OptimConfig, TrainConfig, evaluate, fit, make_optimizer)
 from tc2.tree import tree_flatten_with_names
 
 CFG = tiny()
@@ -91,8 +91,8 @@ def test_train_batch_shifts_and_masks_pads():
 
 
 def test_rows_from_mindrecord(tmp_path):
-    from tc2.records import write_mindrecord
-    from tc2.train_data import load_rows
+    from tc2.data.records import write_mindrecord
+    from tc2.train.batches import load_rows
     rows = _rows(5, seed=12)
     path = write_mindrecord(str(tmp_path / "d.mindrecord"), rows)
     got = load_rows(path, T)
@@ -266,7 +266,7 @@ def test_resume_without_a_data_cursor_skips_used_batches(resume_runs, params, tm
 
 
 def test_interrupt_saves_the_last_complete_step_and_resumes_exactly(resume_runs, params, tmp_path, monkeypatch):
-    import tc2.train_loop as loop
+    import tc2.train.loop as loop
     rows, kw = resume_runs["rows"], resume_runs["kw"]
     real, calls = loop.train_step, []
 
@@ -290,7 +290,7 @@ def test_interrupt_saves_the_last_complete_step_and_resumes_exactly(resume_runs,
 
 
 def test_loop_outputs_progress_metrics_plot_and_hf_checkpoints(resume_runs):
-    from tc2.checkpoint import load_hf
+    from tc2.checkpoint.hf import load_hf
     root, logs = resume_runs["root"], resume_runs["logs"]["a"]
     progress = [line for line in logs if line.startswith("step ")]
     assert len(progress) == 8
@@ -391,7 +391,7 @@ def test_corrupt_or_partial_checkpoint_is_refused_and_previous_loads(resume_runs
 
 
 def test_save_is_atomic_and_prunes(resume_runs, tmp_path, monkeypatch):
-    import tc2.train_checkpoint as tc
+    import tc2.train.checkpoints as tc
     state = resume_runs["b1"].state
     first = save_checkpoint(str(tmp_path), state, CFG)
 
@@ -449,9 +449,9 @@ def test_recipe_configs_parse(name):
 
 
 def test_recipe_runs_end_to_end_on_jsonl(tmp_path, capsys):
-    from tc2.checkpoint import load_hf
-    from tc2.synthetic import corpus_text, make_examples
-    from tc2.tokenizer import train_tokenizer
+    from tc2.checkpoint.hf import load_hf
+    from tc2.data.synthetic import corpus_text, make_examples
+    from tc2.data.tokenizer import train_tokenizer
     fin = _recipe()
     def mf_jsonl(examples, name):                        # MindFormers {input, output}: short rows
         with open(tmp_path / name, "w", encoding="utf-8") as f:
@@ -475,7 +475,7 @@ def test_recipe_runs_end_to_end_on_jsonl(tmp_path, capsys):
     params, cfg = load_hf(str(out / "step_00000003"))
     assert cfg.vocab_size == 512
     assert (out / "metrics.jsonl").is_file()
-    from tc2.train_loop import ParallelConfig                      # the single-process builder
+    from tc2.train.loop import ParallelConfig                      # the single-process builder
     # --model.load: a fine-tune starts from an HF directory's weights (here: our checkpoint)
     loaded, lcfg, _, _, ltrain = fin.build_run(
         fin.ModelArgs(load=str(out / "step_00000003")), fin.DataArgs(train=train, tokenizer=tok, seq_length=T),

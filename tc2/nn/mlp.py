@@ -1,7 +1,7 @@
 """SwiGLU feed-forward: down(silu(gate(x)) * up(x)) + b_down (TeleChat2's only MLP bias is on down)."""
 from mindspore import ops
 
-from .linear import linear
+from tc2.nn.linear import linear
 
 
 def swiglu(x, w_gate, w_up, w_down, b_down=None):

@@ -27,7 +27,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from .attention import attention_with_lse, merge_partials
+from tc2.nn.attention import attention_with_lse, merge_partials
 
 LAYOUTS = ("contiguous", "zigzag")
 _POS_SPLIT = 1 << 15          # positions travel as two exact float32 halves (CPU AllReduce is float only)

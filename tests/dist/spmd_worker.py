@@ -15,14 +15,14 @@ import sys
 import mindspore as ms
 import numpy as np
 
-from tc2.checkpoint import load_hf
+from tc2.checkpoint.hf import load_hf
 from tc2.config import tiny
 from tc2.model import cross_entropy_sum, forward, init_params
 from tc2.optim import adamw, chain, clip_by_global_norm
-from tc2.parallel import gather_logits, shard_batch, spmd_context, spmd_forward, spmd_loss_sums
-from tc2.parallel_train import barrier, merge_checkpoint, reduce_gradients, save_checkpoint, spmd_train_step
-from tc2.sharding import Mesh, shard_params
-from tc2.train import init_train_state, train_step
+from tc2.parallel.collectives import gather_logits, shard_batch, spmd_context, spmd_forward, spmd_loss_sums
+from tc2.parallel.spmd_step import barrier, merge_checkpoint, reduce_gradients, save_checkpoint, spmd_train_step
+from tc2.parallel.sharding import Mesh, shard_params
+from tc2.step import init_train_state, train_step
 from tc2.tree import tree_flatten_with_names
 
 # training_seqlen 16 < T: dynamic NTK and mscale are on, so global positions/length matter

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from tc2.checkpoint import load_hf
+from tc2.checkpoint.hf import load_hf
 from tc2.tree import tree_flatten_with_names
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +38,7 @@ def _losses(out_dir):
 
 
 def test_finetune_cp2_under_msrun_equals_single_process(tmp_path):
-    from tc2.synthetic import make_examples, write_dialog_jsonl
+    from tc2.data.synthetic import make_examples, write_dialog_jsonl
     sys.path.insert(0, os.path.join(ROOT, "recipes"))
     import finetune
     import train_tokenizer

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tc2.nn.ring import unfold_ranks
-from tc2.sharding import Mesh, param_slices
+from tc2.parallel.sharding import Mesh, param_slices
 from tc2.tree import tree_flatten_with_names
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from .config import ModelConfig
-from .sharding import Mesh, resolve_rules, check_mesh, param_mesh_axes
+from tc2.config import ModelConfig
+from tc2.parallel.sharding import Mesh, resolve_rules, check_mesh, param_mesh_axes
 
 STAGE_AXES = ("dp", "cp", "tp")      # one pipeline stage's device matrix (pp: pipeline_stage)
 

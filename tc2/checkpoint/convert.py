@@ -30,14 +30,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .checkpoint import (INDEX, SINGLE, StagedDir, check_hf_layout, hf_shapes, hf_tensor_files,
+from tc2.checkpoint.hf import (INDEX, SINGLE, StagedDir, check_hf_layout, hf_shapes, hf_tensor_files,
                          write_hf_tensors)
-from .config import ModelConfig
-from .mindformers import MindFormersCheckpoint, mf_name, resolve_config
-from .ms_ckpt import write_ckpt
-from .safetensors_io import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, np_dtype, read_header,
+from tc2.config import ModelConfig
+from tc2.checkpoint.mindformers import MindFormersCheckpoint, mf_name, resolve_config
+from tc2.checkpoint.ms_ckpt import write_ckpt
+from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, np_dtype, read_header,
                              to_float32)
-from .sharding import split_dim
+from tc2.parallel.sharding import split_dim
 
 LAYOUT = "tp_layout.json"
 
@@ -309,7 +309,7 @@ def export_training_checkpoint(src: str, dest: str, **kwargs) -> Converted:
     """The weights of a tc2 training checkpoint -> an HF directory (`kwargs`: dtype,
     max_shard_size, progress). `src` is a `step_*` directory, or a run directory whose newest
     complete one is taken; either is first checked against the file sizes in its state.json."""
-    from .train_checkpoint import latest_checkpoint, list_checkpoints, validate_checkpoint
+    from tc2.train.checkpoints import latest_checkpoint, list_checkpoints, validate_checkpoint
     path = src
     if list_checkpoints(src):
         path, refused = latest_checkpoint(src)

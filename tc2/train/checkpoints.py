@@ -25,12 +25,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import mindspore as ms
 import numpy as np
 
-from .checkpoint import load_hf, save_hf
-from .config import ModelConfig
-from .optim import GradientTransformation
-from .safetensors_io import open_safetensors, read_header, write_safetensors
-from .train import TrainState
-from .tree import tree_flatten_with_names, tree_unflatten_from_names
+from tc2.checkpoint.hf import load_hf, save_hf
+from tc2.config import ModelConfig
+from tc2.optim import GradientTransformation
+from tc2.checkpoint.safetensors import open_safetensors, read_header, write_safetensors
+from tc2.step import TrainState
+from tc2.tree import tree_flatten_with_names, tree_unflatten_from_names
 
 FORMAT = "tc2.train_state"
 VERSION = 1

@@ -28,12 +28,12 @@ import numpy as np
 from mindspore import nn, ops
 from mindspore.ops import ReduceOp
 
-from .cache import PAD_POS
-from .config import ModelConfig
-from .model import IGNORE_INDEX, cross_entropy_sum
-from .nn import apply_rope, attention, linear, rms_norm, rope_cos_sin
-from .nn.ring import LAYOUTS, allreduce_rotation, fold_ranks, neighbor_rotation, ring_attention, roll_rotation
-from .sharding import Mesh
+from tc2.cache import PAD_POS
+from tc2.config import ModelConfig
+from tc2.model import IGNORE_INDEX, cross_entropy_sum
+from tc2.nn import apply_rope, attention, linear, rms_norm, rope_cos_sin
+from tc2.nn.ring import LAYOUTS, allreduce_rotation, fold_ranks, neighbor_rotation, ring_attention, roll_rotation
+from tc2.parallel.sharding import Mesh
 
 _DT = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 

@@ -17,13 +17,13 @@ from typing import Dict, List, Optional, Tuple
 import mindspore as ms
 import numpy as np
 
-from .checkpoint import check_hf_layout, hf_arrays, hf_shapes
-from .config import ModelConfig, telechat2_7b, telechat2_35b, telechat2_115b
-from .model import param_specs
-from .ms_ckpt import CkptFile, write_ckpt
-from .safetensors_io import WEIGHT_DTYPES, np_dtype, to_float32
-from .sharding import split_dim
-from .tree import tree_unflatten_from_names
+from tc2.checkpoint.hf import check_hf_layout, hf_arrays, hf_shapes
+from tc2.config import ModelConfig, telechat2_7b, telechat2_35b, telechat2_115b
+from tc2.model import param_specs
+from tc2.checkpoint.ms_ckpt import CkptFile, write_ckpt
+from tc2.checkpoint.safetensors import WEIGHT_DTYPES, np_dtype, to_float32
+from tc2.parallel.sharding import split_dim
+from tc2.tree import tree_unflatten_from_names
 
 # ---- names: the one HF <-> MF table -----------------------------------------------------------
 _MF_TOP = {"transformer.word_embeddings.weight": "model.tok_embeddings.embedding_weight",

@@ -38,10 +38,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from .config import ModelConfig
-from .model import IGNORE_INDEX, cross_entropy_sum, forward
-from .optim import GradientTransformation, apply_updates, global_norm
-from .tree import tree_map
+from tc2.config import ModelConfig
+from tc2.model import IGNORE_INDEX, cross_entropy_sum, forward
+from tc2.optim import GradientTransformation, apply_updates, global_norm
+from tc2.tree import tree_map
 
 BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids")
 

@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
 import sentencepiece as spm
 
-from .chat import render_chat, render_chat_text  # re-exported: tc2.tokenizer.render_chat
+from tc2.data.chat import render_chat, render_chat_text  # re-exported: tc2.tokenizer.render_chat
 
 __all__ = ["Tokenizer", "train_tokenizer", "synthetic_corpus", "render_chat", "render_chat_text",
            "DEFAULT_SPECIAL_TOKENS", "TELECHAT_CONTROL_SYMBOLS", "TELECHAT_USER_DEFINED_SYMBOLS"]

@@ -39,9 +39,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-from .config import ModelConfig
-from .sharding import Mesh, check_mesh, local_param_specs
-from .tree import tree_leaves
+from tc2.config import ModelConfig
+from tc2.parallel.sharding import Mesh, check_mesh, local_param_specs
+from tc2.tree import tree_leaves
 
 GiB = 1 << 30
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -175,7 +175,7 @@ def release_plans(device_bytes: int = 64 * GiB):
     Each with and without optimizer-state sharding over dp where dp > 1 (the release yamls
     turn MindSpore's parallel optimizer on).
     """
-    from .config import telechat2_7b, telechat2_35b, telechat2_115b
+    from tc2.config import telechat2_7b, telechat2_35b, telechat2_115b
     out = []
     setups = [("7B", telechat2_7b(dtype="bfloat16"), Mesh(dp=8), "full", 1),
               ("35B", telechat2_35b(dtype="bfloat16"), Mesh(tp=4, pp=4), "full", 32),

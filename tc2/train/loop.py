@@ -27,12 +27,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .config import ModelConfig
-from .optim import (GradientTransformation, adamw, chain, clip_by_global_norm, constant_schedule,
+from tc2.config import ModelConfig
+from tc2.optim import (GradientTransformation, adamw, chain, clip_by_global_norm, constant_schedule,
                     cosine_schedule, decay_matrices, exclude_names)
-from .train import (LossScaleConfig, TrainState, default_loss_scale, eval_loss_sums, init_loss_scale,
+from tc2.step import (LossScaleConfig, TrainState, default_loss_scale, eval_loss_sums, init_loss_scale,
                     init_train_state, split_micro_batches, train_step)
-from .train_checkpoint import latest_checkpoint, load_checkpoint, list_checkpoints, save_checkpoint
+from tc2.train.checkpoints import latest_checkpoint, load_checkpoint, list_checkpoints, save_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -137,7 +137,7 @@ class ParallelConfig:
         return f"dp={self.dp} tp={self.tp} pp={self.pp} cp={self.cp}"
 
     def mesh(self):
-        from .sharding import Mesh
+        from tc2.parallel.sharding import Mesh
         return Mesh(dp=self.dp, cp=self.cp, tp=self.tp, pp=self.pp)
 
 
@@ -328,7 +328,7 @@ def fit(params, cfg: ModelConfig, batches: Iterable[dict], *,
     if saved_step != step:
         ckpt = save(state, last)
     if train.plot:
-        from .train_plot import plot_loss_curve
+        from tc2.train.plot import plot_loss_curve
         png, why = plot_loss_curve(metrics_log.path)
         log(f"loss curve: {png}" if png else f"loss curve: not written ({why})")
     return FitResult(state=state, cfg=cfg, history=metrics_log.records, checkpoint=ckpt)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .chat import template_segments, template_system_text
+from tc2.data.chat import template_segments, template_system_text
 
 __all__ = ["IGNORE_INDEX", "ChatTokens", "DataError", "Example", "PackConfig", "PackReport",
            "PackedRows", "example_from_json", "read_examples", "pack_examples",
@@ -371,7 +371,7 @@ def preprocess(input_path: str, tokenizer, output_path: str, *,
     `dataset.mindrecord` (as MindFormers). `write_segments` adds `segment_ids` and
     `positions` columns for document masking (MindFormers ignores extra columns).
     """
-    from .records import mindrecord_path, write_mindrecord  # mindspore import only when writing
+    from tc2.data.records import mindrecord_path, write_mindrecord  # mindspore import only when writing
     pad_id = tokens.ids(tokenizer)["pad"]
     examples, skipped = read_examples(input_path, tokenizer, tokens, on_error=on_error,
                                       progress=progress)

@@ -21,9 +21,9 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .config import ModelConfig
-from .model import ParamSpec, param_specs
-from .tree import tree_flatten_with_names, tree_map, tree_unflatten_from_names
+from tc2.config import ModelConfig
+from tc2.model import ParamSpec, param_specs
+from tc2.tree import tree_flatten_with_names, tree_map, tree_unflatten_from_names
 
 MESH_AXES = ("dp", "cp", "tp", "pp")
 

@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .model import IGNORE_INDEX
+from tc2.model import IGNORE_INDEX
 
 ROW_KEYS = ("input_ids", "labels", "segment_ids", "positions")
 
@@ -23,8 +23,8 @@ def load_rows(path: str, seq_length: int, *, tokenizer=None, document_masking: b
     """Packed rows [N, seq_length + 1] from a jsonl file (read + packed with tc2.data; needs the
     tokenizer) or a MindRecord file/directory written by `recipes/preprocess.py` or MindFormers.
     """
-    from .data import PackConfig, pack_examples, read_examples, segments_from_rows
-    from .records import mindrecord_path, read_mindrecord
+    from tc2.data.sft import PackConfig, pack_examples, read_examples, segments_from_rows
+    from tc2.data.records import mindrecord_path, read_mindrecord
 
     if path.endswith(".jsonl") or path.endswith(".json"):
         if tokenizer is None:

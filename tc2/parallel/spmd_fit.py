@@ -22,14 +22,14 @@ from typing import Callable, Dict, Iterable, Optional
 import mindspore as ms
 import numpy as np
 
-from .config import ModelConfig
-from .parallel import SpmdContext, shard_batch, spmd_context, spmd_loss_sums
-from .parallel_train import merge_checkpoint, save_checkpoint, spmd_train_step
-from .sharding import shard_params
-from .train import as_micro_batches, init_train_state, split_micro_batches
-from .train_loop import (FitResult, OptimConfig, ParallelConfig, TrainConfig, _MetricsLog, _new_window,
+from tc2.config import ModelConfig
+from tc2.parallel.collectives import SpmdContext, shard_batch, spmd_context, spmd_loss_sums
+from tc2.parallel.spmd_step import merge_checkpoint, save_checkpoint, spmd_train_step
+from tc2.parallel.sharding import shard_params
+from tc2.step import as_micro_batches, init_train_state, split_micro_batches
+from tc2.train.loop import (FitResult, OptimConfig, ParallelConfig, TrainConfig, _MetricsLog, _new_window,
                          _progress_line, _train_record, make_optimizer)
-from .train_checkpoint import list_checkpoints
+from tc2.train.checkpoints import list_checkpoints
 
 
 def _quiet(_msg: str) -> None:

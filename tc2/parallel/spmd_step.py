@@ -27,15 +27,15 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from .checkpoint import hf_name
-from .config import ModelConfig
-from .model import IGNORE_INDEX
-from .optim import GradientTransformation, apply_updates
-from .parallel import SpmdContext, shard_batch, spmd_loss_sums
-from .safetensors_io import encode_tensor, write_safetensors
-from .sharding import local_param_specs, param_mesh_axes, param_specs, split_dim
-from .train import TrainState, as_micro_batches
-from .tree import tree_flatten_with_names, tree_map
+from tc2.checkpoint.hf import hf_name
+from tc2.config import ModelConfig
+from tc2.model import IGNORE_INDEX
+from tc2.optim import GradientTransformation, apply_updates
+from tc2.parallel.collectives import SpmdContext, shard_batch, spmd_loss_sums
+from tc2.checkpoint.safetensors import encode_tensor, write_safetensors
+from tc2.parallel.sharding import local_param_specs, param_mesh_axes, param_specs, split_dim
+from tc2.step import TrainState, as_micro_batches
+from tc2.tree import tree_flatten_with_names, tree_map
 
 LOCAL_KEYS = ("tokens", "labels", "positions", "segment_ids", "seq_len")
 
@@ -245,6 +245,6 @@ def _write_json(final: str, obj) -> None:
 
 def merge_checkpoint(path: str, dest: str, *, dtype: str = "float32", max_shard_size=None):
     """A tc2 tensor-parallel directory -> one HF directory (what `convert.py merge` does)."""
-    from .convert import convert_checkpoint
+    from tc2.checkpoint.convert import convert_checkpoint
     return convert_checkpoint(path, dest, to="hf", dtype=dtype, max_shard_size=max_shard_size,
                               expect=("tc2-tp",), progress=False)

@@ -17,11 +17,11 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import mindspore as ms
 import numpy as np
 
-from .config import ModelConfig
-from .model import param_specs
-from .safetensors_io import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, parse_size,
+from tc2.config import ModelConfig
+from tc2.model import param_specs
+from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, parse_size,
                              plan_shards, read_header)
-from .tree import tree_flatten_with_names, tree_unflatten_from_names
+from tc2.tree import tree_flatten_with_names, tree_unflatten_from_names
 
 _LAYER = {
     "input_layernorm": "input_layernorm.weight",

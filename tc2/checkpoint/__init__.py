@@ -1,0 +1,1 @@
+"""Weights on disk: HF directories, safetensors, MindSpore .ckpt, MindFormers, conversions."""

@@ -1,0 +1,1 @@
+"""Multi-process plumbing: mesh and sharding rules, collectives, Ascend layouts, memory plan."""
