@@ -14,10 +14,12 @@ from mindspore import ops
 PAD_POS = 1 << 30
 
 
-def init_cache(cfg, batch: int, max_len: int, dtype=None) -> dict:
-    dtype = dtype or {"float32": ms.float32, "float16": ms.float16,
-                      "bfloat16": ms.bfloat16}[cfg.dtype]
-    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+def init_cache(cfg, batch: int, max_len: int, dtype=None, *, ctx=None) -> dict:
+    """An empty cache for `batch` rows of `max_len` slots, in the compute dtype by default.
+    Under tensor parallelism (`ctx.tp` > 1) a rank caches only its own KV heads."""
+    dtype = dtype or cfg.compute_dtype
+    tp = 1 if ctx is None else ctx.tp
+    shape = (batch, max_len, cfg.num_key_value_heads // tp, cfg.head_dim)
     return {
         "k": tuple(ops.zeros(shape, dtype) for _ in range(cfg.n_layer)),
         "v": tuple(ops.zeros(shape, dtype) for _ in range(cfg.n_layer)),

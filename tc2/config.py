@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 DTYPES = ("float32", "float16", "bfloat16")
+IGNORE_INDEX = -100                   # the label of a position that carries no loss (HF / MindFormers)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.n_head
+
+    @property
+    def compute_dtype(self):
+        """The MindSpore dtype matmuls run in (`dtype` names it; parameters stay float32)."""
+        import mindspore as ms
+        return getattr(ms, self.dtype)
 
     @property
     def kv_groups(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Tuple
 
 import mindspore as ms
@@ -18,11 +19,11 @@ import numpy as np
 from mindspore import ops
 
 from tc2.cache import PAD_POS, cache_slots, write_slots
-from tc2.config import ModelConfig
+from tc2.config import IGNORE_INDEX, ModelConfig
+from tc2.context import LOCAL, ParallelContext
 from tc2.nn import apply_rope, attention, linear, rms_norm, rope_cos_sin, swiglu
-from tc2.tree import tree_flatten_with_names, tree_leaves, tree_map, tree_unflatten
-
-IGNORE_INDEX = -100
+from tc2.nn.ring import ring_attention
+from tc2.tree import tree_leaves, tree_map, tree_unflatten
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,21 @@ def param_specs(cfg: ModelConfig) -> dict:
     }
 
 
+# How `forward` executes the logical axes on a mesh (Megatron): heads, ffn columns and the
+# vocabulary over tp, layers over pp, batch over dp, sequence over cp. The one rules table:
+# per-rank slices, checkpoint split dims, the train step's norm, the Ascend layouts and the
+# memory plan all read it (tc2.parallel.sharding).
+DEFAULT_RULES = MappingProxyType({
+    "vocab": "tp", "q_heads": "tp", "kv_heads": "tp", "mlp": "tp", "embed": None,
+    "head_dim": None, "layers": "pp", "batch": "dp", "seq": "cp",
+})
+
+
+def tp_sharded(cfg: ModelConfig) -> dict:
+    """Pytree of bool like the params: which tensors the forward splits over tp."""
+    return tree_map(lambda s: any(DEFAULT_RULES.get(a) == "tp" for a in s.axes), param_specs(cfg))
+
+
 def count_params(cfg: ModelConfig) -> int:
     return sum(s.size for s in tree_leaves(param_specs(cfg)))
 
@@ -80,48 +96,63 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
     return tree_unflatten(specs, [make(s) for s in tree_leaves(specs)])
 
 
-def _compute_dtype(cfg: ModelConfig):
-    return {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[cfg.dtype]
+def _embed(table, tokens, ctx: ParallelContext):
+    """Embedding rows; under tp the table holds rows [r*V/tp, (r+1)*V/tp): other ids give zeros
+    here and g sums the shards."""
+    if ctx.tp == 1:
+        return ops.gather(table, tokens, 0)                                          # [B, T, H]
+    n = table.shape[0]
+    local = tokens - ctx.tp_rank * n
+    inside = ops.logical_and(local >= 0, local < n)
+    e = ops.gather(table, ops.where(inside, local, 0), 0)                            # [B, T, H]
+    return ctx.reduce_tp(e * inside.expand_dims(-1).astype(e.dtype))
 
 
-def _block(p, x, cos, sin, positions, cfg: ModelConfig, kv_cache, segment_ids):
-    """One pre-norm decoder layer. The residual stream x stays float32; matmuls run in dt."""
-    dt = _compute_dtype(cfg)
+def _block(p, x, cos, sin, positions, cfg: ModelConfig, ctx: ParallelContext, kv_cache, segment_ids):
+    """One pre-norm decoder layer on this rank's heads and ffn columns. The residual stream x
+    stays float32 (and whole: row-parallel outputs are summed over tp by g); matmuls run in
+    the compute dtype."""
+    dt = cfg.compute_dtype
     B, T = positions.shape
-    D, n_kv = cfg.head_dim, cfg.num_key_value_heads
-    h = rms_norm(x, p["input_layernorm"], cfg.layer_norm_epsilon).astype(dt)   # [B, T, H]
-    q = linear(h, p["query"]).reshape(B, T, cfg.n_head, D)                     # [B, T, Nq, D]
-    kv = linear(h, p["key_value"]).reshape(B, T, n_kv, 2 * D)                  # [B, T, Nkv, 2D]
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(kv[..., :D], cos, sin)                                      # [B, T, Nkv, D]
-    v = kv[..., D:]
-    if kv_cache is None:
-        kv_pos, kv_segment = positions, segment_ids
-    else:                                   # (k_buf, v_buf, slot idx, slot hit, slot positions)
+    D = cfg.head_dim
+    n_q, n_kv = p["query"].shape[0] // D, p["key_value"].shape[0] // (2 * D)          # local heads
+    h = ctx.copy_tp(rms_norm(x, p["input_layernorm"], cfg.layer_norm_epsilon).astype(dt))   # [B, T, H]
+    q = apply_rope(linear(h, p["query"]).reshape(B, T, n_q, D), cos, sin)             # [B, T, nq, D]
+    kv = linear(h, p["key_value"]).reshape(B, T, n_kv, 2 * D)                          # [B, T, nkv, 2D]
+    k, v = apply_rope(kv[..., :D], cos, sin), kv[..., D:]                              # [B, T, nkv, D]
+    if kv_cache is not None:                # (k_buf, v_buf, slot idx, slot hit, slot positions)
         k_buf, v_buf, idx, hit, kv_pos = kv_cache
-        k, v = write_slots(k_buf, k, idx, hit), write_slots(v_buf, v, idx, hit)   # [B, Tmax, Nkv, D]
-        segment_ids, kv_segment = None, None
-    a = attention(q, k, v, positions, kv_pos, q_segment=segment_ids, kv_segment=kv_segment)
-    a = linear(a.reshape(B, T, cfg.n_head * D), p["dense"], p["dense_bias"])  # [B, T, H]
-    x = x + a.astype(ms.float32)
-    h = rms_norm(x, p["post_attention_layernorm"], cfg.layer_norm_epsilon).astype(dt)
-    x = x + swiglu(h, p["gate_proj"], p["up_proj"], p["down_proj"],
-                   p["down_proj_bias"]).astype(ms.float32)
-    return x, (k, v)
+        k, v = write_slots(k_buf, k, idx, hit), write_slots(v_buf, v, idx, hit)         # [B, Tmax, nkv, D]
+        a = attention(q, k, v, positions, kv_pos)
+    elif ctx.cp > 1:
+        a, _ = ring_attention(q, k, v, positions, positions, rotate=ctx.rotate, ring_size=ctx.cp,
+                              q_segment=segment_ids, kv_segment=segment_ids)
+        a = a.astype(q.dtype)
+    else:
+        a = attention(q, k, v, positions, positions, q_segment=segment_ids, kv_segment=segment_ids)
+    a = ctx.reduce_tp(linear(a.reshape(B, T, n_q * D), p["dense"]))                     # [B, T, H]
+    x = x + (a + p["dense_bias"].astype(dt)).astype(ms.float32)
+    h = ctx.copy_tp(rms_norm(x, p["post_attention_layernorm"], cfg.layer_norm_epsilon).astype(dt))
+    m = ctx.reduce_tp(swiglu(h, p["gate_proj"], p["up_proj"], p["down_proj"]))          # [B, T, H]
+    return x + (m + p["down_proj_bias"].astype(dt)).astype(ms.float32), (k, v)
 
 
 def forward(params, tokens, cfg: ModelConfig, *, positions=None, cache=None, segment_ids=None,
-            seq_len=None, last_only: bool = False):
-    """tokens int32 [B, T] -> (logits [B, T, V] in the compute dtype, new cache or None).
+            seq_len=None, last_only: bool = False, ctx: ParallelContext = LOCAL):
+    """tokens int32 [B, T] -> (logits [B, T, V/tp] in the compute dtype, new cache or None).
 
     positions [B, T]: absolute positions (default: arange, after the cache's contents); a
     token with position PAD_POS is padding that no one attends to. segment_ids [B, T]: when
     given, attention stops at segment borders (document masking of packed rows).
-    seq_len [B]: the total length L for dynamic NTK; default max(valid positions) + 1 per row.
-    last_only: logits for the last position only ([B, 1, V]): a prefill needs no more, and
+    seq_len [B]: the total length L for dynamic NTK; default max(valid positions) + 1 per row
+    (under context parallelism pass it, with global positions: a sequence share cannot know).
+    last_only: logits for the last position only ([B, 1, V/tp]): a prefill needs no more, and
     the lm_head over every prompt position is ~40% of a long prefill's FLOPs.
+    ctx: this process's share of the model (`tc2.context`); params are its local shards.
     """
     B, T = tokens.shape
+    if cache is not None and ctx.cp > 1:
+        raise ValueError("a KV cache cannot be combined with context parallelism (cp > 1)")
     if positions is None:
         positions = ops.arange(T, dtype=ms.int32).expand_dims(0).broadcast_to((B, T))
         if cache is not None:
@@ -135,32 +166,43 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, cache=None, seg
     if cache is not None:
         idx, hit = cache_slots(cache["length"], T, cache["pos"].shape[1])
         kv_pos = write_slots(cache["pos"], positions, idx, hit)                           # [B, Tmax]
-    x = ops.gather(params["word_embeddings"], tokens, 0).astype(ms.float32)             # [B, T, H]
+    x = _embed(params["word_embeddings"], tokens, ctx).astype(ms.float32)                # [B, T, H]
     new_k, new_v = (), ()
     for i in range(len(params["layers"])):
         kv_cache = None if cache is None else (cache["k"][i], cache["v"][i], idx, hit, kv_pos)
-        x, (k, v) = _block(params["layers"][i], x, cos, sin, positions, cfg, kv_cache, segment_ids)
+        x, (k, v) = _block(params["layers"][i], x, cos, sin, positions, cfg, ctx, kv_cache, segment_ids)
         new_k, new_v = new_k + (k,), new_v + (v,)
     if last_only:
         x = x[:, -1:]                                                                    # [B, 1, H]
-    x = rms_norm(x, params["ln_f"], cfg.layer_norm_epsilon).astype(_compute_dtype(cfg))
-    logits = linear(x, params["lm_head"])                                               # [B, T, V]
+    x = rms_norm(x, params["ln_f"], cfg.layer_norm_epsilon).astype(cfg.compute_dtype)
+    logits = linear(ctx.copy_tp(x), params["lm_head"])                                  # [B, T, V/tp]
     if cache is None:
         return logits, None
     return logits, {"k": new_k, "v": new_v, "pos": kv_pos, "length": cache["length"] + T}
 
 
+def gather_logits(logits, ctx: ParallelContext = LOCAL):
+    """Full-vocabulary logits [..., V] from the tp shards [..., V/tp] (sampling, eval; V per token)."""
+    if ctx.tp == 1:
+        return logits
+    moved = logits.swapaxes(0, -1)                                                       # [V/tp, ..., B]
+    return ctx.gather_tp(moved).swapaxes(0, -1)                                          # [B, ..., V]
+
+
 _sparse_ce = ops.SparseSoftmaxCrossEntropyWithLogits()
 
 
-def cross_entropy_sum(logits, labels):
+def cross_entropy_sum(logits, labels, ctx: ParallelContext = LOCAL):
     """(sum of token cross-entropies, number of counted tokens) over labels != -100, float32.
 
-    MindSpore's fused sparse softmax-CE (value and gradient in one kernel) is 3-7x faster on
-    CPU than logsumexp - gather, but only returns the mean over all rows. Ignored rows are
-    therefore replaced by a constant row [64, 0, 0, ...] with label 0, whose cross-entropy is
-    log(1 + (V-1) e^-64) = 0 in float32 and whose gradient never reaches the real logits.
+    One process: MindSpore's fused sparse softmax-CE (value and gradient in one kernel) is 3-7x
+    faster on CPU than logsumexp - gather, but only returns the mean over all rows. Ignored
+    rows are therefore replaced by a constant row [64, 0, 0, ...] with label 0, whose
+    cross-entropy is log(1 + (V-1) e^-64) = 0 in float32 and whose gradient never reaches the
+    real logits. Tensor parallel: see `_vocab_parallel_cross_entropy_sum`.
     """
+    if ctx.tp > 1:
+        return _vocab_parallel_cross_entropy_sum(logits, labels, ctx)
     V = logits.shape[-1]
     logits = logits.reshape(-1, V).astype(ms.float32)                                   # [N, V]
     labels = labels.reshape(-1)                                                          # [N]
@@ -171,10 +213,38 @@ def cross_entropy_sum(logits, labels):
     return mean * labels.shape[0], keep.astype(ms.float32).sum()
 
 
+def _vocab_parallel_cross_entropy_sum(logits, labels, ctx: ParallelContext):
+    """The same sums from vocab-sharded logits [.., V/tp], never gathered.
+
+    lse = log(sum over ranks of sum(exp(l - m))) + m with m the global max (a constant for the
+    gradient); the target logit comes from the rank that owns it. Both sums go through g, so
+    the gradient w.r.t. the local logits is softmax - onehot on this rank's columns.
+    """
+    n = logits.shape[-1]
+    logits = logits.reshape(-1, n).astype(ms.float32)                                  # [N, V/tp]
+    labels = labels.reshape(-1)
+    keep = labels != IGNORE_INDEX
+    mx = ctx.max_tp(ops.stop_gradient(logits.max(axis=-1)))                           # [N]
+    sumexp = ctx.reduce_tp(ops.exp(logits - mx.expand_dims(1)).sum(axis=-1))          # [N]
+    local = labels - ctx.tp_rank * n
+    mine = ops.logical_and(keep, ops.logical_and(local >= 0, local < n))
+    picked = ops.gather_elements(logits, 1, ops.where(mine, local, 0).astype(ms.int32).expand_dims(1))
+    picked = ctx.reduce_tp(picked.squeeze(1) * mine.astype(ms.float32))               # [N]
+    keepf = keep.astype(ms.float32)
+    return ((ops.log(sumexp) + mx - picked) * keepf).sum(), keepf.sum()
+
+
+def loss_sums(params, tokens, labels, cfg: ModelConfig, *, positions=None, segment_ids=None,
+              seq_len=None, ctx: ParallelContext = LOCAL):
+    """(sum of token losses, loss-token count) of this process's share; replicated over tp."""
+    logits, _ = forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
+                        seq_len=seq_len, ctx=ctx)
+    return cross_entropy_sum(logits, labels, ctx)
+
+
 def loss_fn(params, tokens, labels, cfg: ModelConfig, *, positions=None, segment_ids=None):
     """Mean token cross-entropy over positions whose label != -100 (labels already shifted)."""
-    logits, _ = forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids)
-    total, count = cross_entropy_sum(logits, labels)
+    total, count = loss_sums(params, tokens, labels, cfg, positions=positions, segment_ids=segment_ids)
     return total / ops.maximum(count, 1.0)
 
 
@@ -192,12 +262,3 @@ def jit_forward(params, tokens, cfg: ModelConfig, *, positions=None):
         B, T = tokens.shape
         positions = ms.Tensor(np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy())
     return _jitted_forward(cfg)(ms.mutable(params), tokens, positions)
-
-
-def cast_params(params, dtype):
-    """A copy of params in `dtype` (e.g. to store or ship a float16 model)."""
-    return tree_map(lambda x: x.astype(dtype), params)
-
-
-def named_params(params) -> dict:
-    return tree_flatten_with_names(params)

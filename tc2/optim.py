@@ -13,14 +13,15 @@ update will use, so a train step can log it without knowing the chain's layout.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import mindspore as ms
 from mindspore import ops
 
-from tc2.tree import tree_map
+from tc2.tree import global_norm, tree_map
 
 # --------------------------------------------------------------------------- schedules
 
@@ -81,30 +82,6 @@ class GradientTransformation:
 def apply_updates(params, updates):
     """params + updates, leaf by leaf, in each parameter's dtype."""
     return tree_map(lambda p, u: p + u.astype(p.dtype), params, updates)
-
-
-def global_norm(tree):
-    """sqrt(sum of squares of every leaf), float32, in graph mode too.
-
-    Not `tc2.tree.tree_global_norm`: inside ms.jit (MindSpore 2.10) a loop over `sorted(dict)`
-    runs zero times, so leaf lists built that way come out empty and the norm is 0.
-    """
-    return ops.sqrt(_sum_squares(tree))
-
-
-def _sum_squares(tree):
-    if isinstance(tree, dict):
-        total = 0.0
-        for k in tree:                       # insertion order; `sorted(tree)` is empty in graph
-            total = total + _sum_squares(tree[k])
-        return total
-    if isinstance(tree, tuple):
-        total = 0.0
-        for t in tree:
-            total = total + _sum_squares(t)
-        return total
-    x = tree.astype(ms.float32)
-    return (x * x).sum()
 
 
 def clip_by_global_norm(max_norm: float = 1.0) -> GradientTransformation:
@@ -260,3 +237,51 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     return GradientTransformation(init, update, current_lr if with_lr else None)
 
+
+# --------------------------------------------------------------------------- from a config
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + lr schedule (`make_optimizer`) + global-norm clipping (`clip`, done by the train step).
+    Defaults: the release's recipe (spec §9)."""
+    lr: float = 1.5e-4
+    end_lr: float = 1.5e-5
+    schedule: str = "cosine"                  # "cosine" | "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0                 # warmup as a fraction of the steps (MF style)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: Optional[float] = 1.0          # None or 0: no clipping
+    no_decay: Optional[Tuple[str, ...]] = None  # None: norms and biases; names to exclude; (): none
+
+    @property
+    def clip(self) -> Optional[float]:
+        """The clip norm for `train_step` (None when clipping is off)."""
+        return self.clip_norm or None
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+
+
+@functools.lru_cache(maxsize=32)
+def make_optimizer(ocfg: OptimConfig, total_steps: int) -> GradientTransformation:
+    """AdamW with the schedule an OptimConfig describes, spanning `total_steps`. Clipping is not
+    part of it: pass `clip_norm=ocfg.clip` to `train_step`, which clips with the norm it
+    already computes (counting tensor-parallel shards once). Cached: equal configs give the
+    same object, so the compiled train step is reused (e.g. on resume)."""
+    warmup = ocfg.warmup_steps or int(round(ocfg.warmup_ratio * total_steps))
+    if ocfg.schedule == "constant":
+        schedule = constant_schedule(ocfg.lr)
+    else:
+        schedule = cosine_schedule(ocfg.lr, max(total_steps, warmup + 1), ocfg.end_lr, warmup)
+    if ocfg.no_decay is None:
+        mask = decay_matrices
+    elif len(ocfg.no_decay) == 0:
+        mask = None
+    else:
+        mask = exclude_names(*ocfg.no_decay)
+    return adamw(schedule, ocfg.b1, ocfg.b2, ocfg.eps, ocfg.weight_decay, mask=mask)

@@ -1,7 +1,14 @@
 """The train step: TrainState in, TrainState and metrics out, compiled once per configuration.
 
     state = init_train_state(params, optimizer, loss_scale=...)
-    state, metrics = train_step(state, batch, cfg, optimizer)
+    state, metrics = train_step(state, batch, cfg, optimizer, clip_norm=1.0, ctx=ctx)
+
+One step for one process and for N: `ctx` (`tc2.context`, default one process) says which
+share of the global batch and of the model this process holds. Every process is given the
+same GLOBAL batch (token ids are cheap) and cuts out its rows (dp) and sequence share (cp);
+params and optimizer state are its tp shards. Gradients are summed over dp x cp, the global
+norm counts each tp shard once, and so the update equals the single-process step on the
+whole batch (tests/dist check it to 1e-5).
 
 A batch is a dict of int arrays: "tokens" and "labels" (already shifted, -100 = no loss), and
 optionally "positions" and "segment_ids" (document masking), each [B, T] or [k, B, T] for k
@@ -11,14 +18,11 @@ already divided by the global count and accumulating them is a plain sum (not a 
 
 Compilation (MINDSPORE_NOTES §1, §9): with k = 1 the whole step (value_and_grad over the
 parameter dict, clipping, AdamW, loss scaling) is one graph. With k > 1 a gradient graph runs k
-times (accumulating into a float32 gradient tree) and an apply graph finishes the step. Measured
-on the 2-layer tiny model: fused step 9.4 s to compile; one graph with the k micro-batches
-unrolled 13.5 s (k=2) / 13.1 s (k=4); gradient + apply graphs 3.8 + 6.2 s for any k. The split
-was chosen because separate calls hold one micro-batch's activations at a time (the point of
-accumulating; one graph may schedule all k forwards together) and because a graph-mode
-`for i in range(k)` carrying the gradient dict silently returned None in MindSpore 2.10.
-Graphs are cached per (config, optimizer, loss-scale options) — the gradient graph per config
-only; state trees are wrapped in `ms.mutable`, so new tensors every step never recompile.
+times (accumulating into a float32 gradient tree) and an apply graph finishes the step:
+separate calls hold one micro-batch's activations at a time (the point of accumulating), and a
+graph-mode `for` carrying the gradient dict silently returned None in MindSpore 2.10. Graphs
+are cached per (config, optimizer, loss-scale options, clip, context); state trees are wrapped
+in `ms.mutable`, so new tensors every step never recompile.
 
 Mixed precision: parameters, gradients and optimizer state are float32; forward/backward run
 in cfg.dtype. For float16 a dynamic loss scale multiplies the loss; a step whose gradients are
@@ -26,6 +30,7 @@ not finite is skipped (parameters and optimizer state unchanged, the optimizer c
 the lr schedule do not advance, but `state.step` — batches consumed — does), the scale halves,
 and it doubles after `growth_interval` finite steps in a row. Without a loss scale a
 non-finite step is also left out of the state; the caller (`fit`) turns it into an error.
+The finiteness test reads the reduced gradients, so every process takes the same decision.
 """
 from __future__ import annotations
 
@@ -38,12 +43,14 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from tc2.config import ModelConfig
-from tc2.model import IGNORE_INDEX, cross_entropy_sum, forward
-from tc2.optim import GradientTransformation, apply_updates, global_norm
-from tc2.tree import tree_map
+from tc2.config import IGNORE_INDEX, ModelConfig
+from tc2.context import LOCAL, ParallelContext
+from tc2.model import loss_sums, tp_sharded
+from tc2.optim import GradientTransformation, apply_updates
+from tc2.tree import global_norm, tree_map
 
 BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids")
+LOCAL_KEYS = BATCH_KEYS + ("seq_len",)         # what `ParallelContext.local_batch` adds
 
 
 @dataclass(frozen=True)
@@ -137,10 +144,10 @@ def count_loss_tokens(labels) -> int:
 # --------------------------------------------------------------------------- the step
 
 
-def _objective(params, tokens, labels, positions, segment_ids, weight, cfg):
-    """weight * (sum of token losses); weight = loss_scale / (global loss-token count)."""
-    logits, _ = forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids)
-    loss_sum, _ = cross_entropy_sum(logits, labels)
+def _objective(params, tokens, labels, positions, segment_ids, seq_len, weight, cfg, ctx):
+    """weight * (this process's sum of token losses); weight = loss_scale / global loss tokens."""
+    loss_sum, _ = loss_sums(params, tokens, labels, cfg, positions=positions, segment_ids=segment_ids,
+                            seq_len=seq_len, ctx=ctx)
     return loss_sum * weight, loss_sum
 
 
@@ -158,15 +165,28 @@ def _keep_if(ok, new, old):
     return out
 
 
-def _finish(update, current_lr, ls: Optional[LossScaleConfig], params, opt_state, step, scale_state,
-            grads, loss_sum, inv_count):
-    """Unscale, check, clip/AdamW (via `optimizer`), skip if not finite, update the loss scale."""
+def _sum_dpcp(x, ctx: ParallelContext):
+    """Sum a scalar over the data x context group (the identity in one process)."""
+    if ctx.dp * ctx.cp == 1 or ctx.folded:
+        return x
+    return ctx.sum_dpcp(x.reshape(1))[0]
+
+
+def _finish(update, current_lr, ls: Optional[LossScaleConfig], clip_norm, ctx, sharded, params, opt_state,
+            step, scale_state, grads, loss_sum, inv_count):
+    """Reduce over dp x cp, unscale, norm, clip, AdamW (via `update`), skip if not finite,
+    update the loss scale."""
+    if ctx.dp * ctx.cp > 1 and not ctx.folded:
+        grads = tree_map(ctx.sum_dpcp, grads)
+    loss = _sum_dpcp(loss_sum, ctx) * inv_count
     if scale_state is not None:
         inv_scale = 1.0 / scale_state["scale"]
         grads = tree_map(lambda g: g * inv_scale, grads)
     lr = inv_count * 0.0 if current_lr is None else current_lr(opt_state)
-    gnorm = global_norm(grads)                                                  # unscaled, pre-clip
-    loss = loss_sum * inv_count
+    gnorm = global_norm(grads, sharded, ctx.sum_tp)                             # unscaled, pre-clip
+    if clip_norm is not None:
+        factor = clip_norm / ops.maximum(gnorm, clip_norm)                      # 1 when gnorm <= clip
+        grads = tree_map(lambda g: g * factor, grads)
     ok = ops.logical_and(ops.isfinite(gnorm), ops.isfinite(loss))
     updates, new_opt = update(grads, opt_state, params)
     new_params = apply_updates(params, updates)
@@ -178,45 +198,50 @@ def _finish(update, current_lr, ls: Optional[LossScaleConfig], params, opt_state
         shrunk = ops.maximum(scale / ls.factor, ls.min_scale)
         scale_state = {"scale": ops.where(ok, grown, shrunk),
                        "good_steps": ops.where(ok, ops.where(grow, 0, good), 0).astype(ms.int32)}
-    metrics = (loss, gnorm, lr, ok)
-    return params, opt_state, step + 1, scale_state, metrics
+    return params, opt_state, step + 1, scale_state, (loss, gnorm, lr, ok)
 
 
-def _value_and_grad(cfg: ModelConfig):
-    def objective(params, tokens, labels, positions, segment_ids, weight):
-        return _objective(params, tokens, labels, positions, segment_ids, weight, cfg)
+def _value_and_grad(cfg: ModelConfig, ctx: ParallelContext):
+    def objective(params, tokens, labels, positions, segment_ids, seq_len, weight):
+        return _objective(params, tokens, labels, positions, segment_ids, seq_len, weight, cfg, ctx)
     return ms.value_and_grad(objective, grad_position=0, has_aux=True)
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_grad(cfg: ModelConfig):
+def _compiled_grad(cfg: ModelConfig, ctx: ParallelContext):
     """acc + d(weight * loss_sum)/d params for one micro-batch; shared by every optimizer."""
-    value_and_grad = _value_and_grad(cfg)
+    value_and_grad = _value_and_grad(cfg, ctx)
 
     @ms.jit
-    def grad_step(params, acc, tokens, labels, positions, segment_ids, weight):
-        (_, loss_sum), grads = value_and_grad(params, tokens, labels, positions, segment_ids, weight)
+    def grad_step(params, acc, tokens, labels, positions, segment_ids, seq_len, weight):
+        (_, loss_sum), grads = value_and_grad(params, tokens, labels, positions, segment_ids, seq_len, weight)
         return tree_map(lambda a, g: a + g, acc, grads), loss_sum
 
     return grad_step
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_step(cfg: ModelConfig, optimizer: GradientTransformation, ls: Optional[LossScaleConfig]):
+def _compiled_step(cfg: ModelConfig, optimizer: GradientTransformation, ls: Optional[LossScaleConfig],
+                   clip_norm: Optional[float], ctx: ParallelContext):
     """(fused step for k = 1, apply step after accumulation), jitted, for one configuration."""
-    value_and_grad = _value_and_grad(cfg)
+    value_and_grad = _value_and_grad(cfg, ctx)
     update, current_lr = optimizer.update, optimizer.learning_rate     # graph mode: no attributes
+    sharded = tp_sharded(cfg) if ctx.tp > 1 else None                  # norm: tp shards summed once
+
+    def finish(params, opt_state, step, scale_state, grads, loss_sum, inv_count):
+        return _finish(update, current_lr, ls, clip_norm, ctx, sharded, params, opt_state, step, scale_state,
+                       grads, loss_sum, inv_count)
 
     @ms.jit
-    def fused_step(params, opt_state, step, scale_state, tokens, labels, positions, segment_ids,
+    def fused_step(params, opt_state, step, scale_state, tokens, labels, positions, segment_ids, seq_len,
                    inv_count):
         weight = inv_count if scale_state is None else inv_count * scale_state["scale"]
-        (_, loss_sum), grads = value_and_grad(params, tokens, labels, positions, segment_ids, weight)
-        return _finish(update, current_lr, ls, params, opt_state, step, scale_state, grads, loss_sum, inv_count)
+        (_, loss_sum), grads = value_and_grad(params, tokens, labels, positions, segment_ids, seq_len, weight)
+        return finish(params, opt_state, step, scale_state, grads, loss_sum, inv_count)
 
     @ms.jit
     def apply_step(params, opt_state, step, scale_state, grads, loss_sum, inv_count):
-        return _finish(update, current_lr, ls, params, opt_state, step, scale_state, grads, loss_sum, inv_count)
+        return finish(params, opt_state, step, scale_state, grads, loss_sum, inv_count)
 
     return fused_step, apply_step
 
@@ -225,65 +250,72 @@ def _mut(tree):
     return None if tree is None else ms.mutable(tree)
 
 
-def _t(a):
-    return None if a is None else ms.Tensor(a)
+def _local_micro_batches(batch: dict, ctx: ParallelContext):
+    """(this process's micro-batches as tuples of Tensors in LOCAL_KEYS order, global loss tokens)."""
+    mb = as_micro_batches(batch)
+    n_loss = count_loss_tokens(mb["labels"])
+    parts = []
+    for i in range(mb["tokens"].shape[0]):
+        local = ctx.local_batch({k: v[i] for k, v in mb.items()})
+        parts.append(tuple(ms.Tensor(local[k]) if k in local else None for k in LOCAL_KEYS))
+    return parts, n_loss, int(mb["tokens"].size)
 
 
-def _micro(mb: dict, i: int) -> tuple:
-    return tuple(_t(mb[n][i]) if n in mb else None for n in BATCH_KEYS)
-
-
-def _accumulate(params, mb: dict, cfg: ModelConfig, weight):
-    """(sum over micro-batches of d(weight * loss_sum)/d params, float32; total loss_sum)."""
-    grad_step = _compiled_grad(cfg)
+def _accumulate(params, parts, cfg: ModelConfig, ctx: ParallelContext, weight):
+    """(sum over micro-batches of d(weight * loss_sum)/d params, float32; local loss_sum)."""
+    grad_step = _compiled_grad(cfg, ctx)
     acc = tree_map(lambda p: ops.zeros(p.shape, ms.float32), params)
     loss_sum = ms.Tensor(0.0, ms.float32)
     params = ms.mutable(params)
-    for i in range(mb["tokens"].shape[0]):
-        acc, part = grad_step(params, ms.mutable(acc), *_micro(mb, i), weight)
-        loss_sum = loss_sum + part
+    for part in parts:
+        acc, s = grad_step(params, ms.mutable(acc), *part, weight)
+        loss_sum = loss_sum + s
     return acc, loss_sum
 
 
-def grads_and_loss(params, batch: dict, cfg: ModelConfig):
-    """(gradient of the batch's token-mean loss w.r.t. params (float32 tree), that loss (float),
-    loss-token count), accumulated over the batch's micro-batches exactly as `train_step` does."""
-    mb = as_micro_batches(batch)
-    n_loss = count_loss_tokens(mb["labels"])
+def grads_and_loss(params, batch: dict, cfg: ModelConfig, *, ctx: ParallelContext = LOCAL):
+    """(gradient of the batch's token-mean loss w.r.t. this process's params (float32 tree, not
+    yet summed over dp x cp), this process's share of that loss (float), global loss-token
+    count), accumulated over the batch's micro-batches exactly as `train_step` does."""
+    parts, n_loss, _ = _local_micro_batches(batch, ctx)
     inv_count = ms.Tensor(1.0 / max(n_loss, 1), ms.float32)
-    grads, loss_sum = _accumulate(params, mb, cfg, inv_count)
+    grads, loss_sum = _accumulate(params, parts, cfg, ctx, inv_count)
     return grads, float((loss_sum * inv_count).asnumpy()), n_loss
 
 
 def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: GradientTransformation,
-               loss_scale: Optional[LossScaleConfig] = None):
-    """One optimizer step over the batch's k micro-batches -> (new state, metrics).
+               loss_scale: Optional[LossScaleConfig] = None, *, clip_norm: Optional[float] = None,
+               ctx: ParallelContext = LOCAL):
+    """One optimizer step over the GLOBAL batch's k micro-batches -> (new state, metrics).
 
-    metrics (host floats): loss (token mean over the whole batch), grad_norm (before clipping),
-    lr (used by this update), tokens (k*B*T), loss_tokens, skipped (1.0 if the update was
-    left out: non-finite gradients), loss_scale (when scaling). `state` is not modified.
-    `loss_scale` must be the config the state was initialised with (None: no scaling).
+    clip_norm: scale the gradients to at most this global norm before the optimizer (each tp
+    shard counted once; None: no clipping). metrics (host floats, equal on every process):
+    loss (token mean over the whole batch), grad_norm (before clipping), lr (used by this
+    update), tokens (k*B*T), loss_tokens, skipped (1.0 if the update was left out:
+    non-finite gradients), loss_scale (when scaling). `state` is not modified. `loss_scale`
+    must be the config the state was initialised with (None: no scaling).
     """
     if (state.loss_scale is None) != (loss_scale is None):
         raise ValueError("state.loss_scale and the loss_scale argument disagree (init_train_state "
                          "with the same LossScaleConfig you pass here)")
-    mb = as_micro_batches(batch)
-    n_loss = count_loss_tokens(mb["labels"])
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+    parts, n_loss, n_tokens = _local_micro_batches(batch, ctx)
     inv_count = ms.Tensor(1.0 / max(n_loss, 1), ms.float32)
-    fused_step, apply_step = _compiled_step(cfg, optimizer, loss_scale)
+    fused_step, apply_step = _compiled_step(cfg, optimizer, loss_scale, clip_norm, ctx)
     scale = _mut(state.loss_scale)
-    if mb["tokens"].shape[0] == 1:
+    if len(parts) == 1:
         out = fused_step(ms.mutable(state.params), ms.mutable(state.opt_state), state.step, scale,
-                         *_micro(mb, 0), inv_count)
+                         *parts[0], inv_count)
     else:
         weight = inv_count if scale is None else inv_count * state.loss_scale["scale"]
-        grads, loss_sum = _accumulate(state.params, mb, cfg, weight)
+        grads, loss_sum = _accumulate(state.params, parts, cfg, ctx, weight)
         out = apply_step(ms.mutable(state.params), ms.mutable(state.opt_state), state.step, scale,
                          ms.mutable(grads), loss_sum, inv_count)
     params, opt_state, step, scale_state, (loss, gnorm, lr, ok) = out
     new_state = TrainState(params=params, opt_state=opt_state, step=step, loss_scale=scale_state)
     metrics = {"loss": float(loss.asnumpy()), "grad_norm": float(gnorm.asnumpy()),
-               "lr": float(lr.asnumpy()), "tokens": int(mb["tokens"].size), "loss_tokens": n_loss,
+               "lr": float(lr.asnumpy()), "tokens": n_tokens, "loss_tokens": n_loss,
                "skipped": 0.0 if bool(ok.asnumpy()) else 1.0}
     if scale_state is not None:
         metrics["loss_scale"] = float(scale_state["scale"].asnumpy())
@@ -294,21 +326,23 @@ def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: Grad
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_eval(cfg: ModelConfig):
+def _compiled_eval(cfg: ModelConfig, ctx: ParallelContext):
     @ms.jit
-    def eval_sums(params, tokens, labels, positions, segment_ids):
-        logits, _ = forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids)
-        return cross_entropy_sum(logits, labels)
+    def eval_sums(params, tokens, labels, positions, segment_ids, seq_len):
+        s, n = loss_sums(params, tokens, labels, cfg, positions=positions, segment_ids=segment_ids,
+                         seq_len=seq_len, ctx=ctx)
+        return _sum_dpcp(s, ctx), _sum_dpcp(n, ctx)
     return eval_sums
 
 
-def eval_loss_sums(params, batch: dict, cfg: ModelConfig):
-    """(sum of token losses, loss-token count) over a [B, T] or [k, B, T] batch, as floats."""
-    mb = as_micro_batches(batch)
-    fn = _compiled_eval(cfg)
+def eval_loss_sums(params, batch: dict, cfg: ModelConfig, *, ctx: ParallelContext = LOCAL):
+    """(sum of token losses, loss-token count) over a global [B, T] or [k, B, T] batch, as floats
+    (the whole batch's, on every process)."""
+    parts, _, _ = _local_micro_batches(batch, ctx)
+    fn = _compiled_eval(cfg, ctx)
     total, count = 0.0, 0.0
-    for i in range(mb["tokens"].shape[0]):
-        s, c = fn(ms.mutable(params), *_micro(mb, i))
+    for part in parts:
+        s, c = fn(ms.mutable(params), *part)
         total += float(s.asnumpy())
         count += float(c.asnumpy())
     return total, count

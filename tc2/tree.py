@@ -86,14 +86,32 @@ def tree_unflatten_from_names(like, flat: dict):
     return tree_unflatten(like, [flat[n] for n in names])
 
 
-def tree_zeros_like(tree, dtype=None):
-    return tree_map(lambda x: ops.zeros(x.shape, dtype or x.dtype), tree)
+def global_norm(tree, sharded=None, sum_shards=None):
+    """sqrt(sum of squares of every leaf), accumulated in float32; compiles in graph mode.
+
+    The one global norm of tc2 (clipping, the train step's metric). Under tensor parallelism
+    `sharded` (a pytree of bool like `tree`) marks the leaves split over the tp group: their
+    partial sums are added up by `sum_shards` (a sum over the group), while replicated leaves,
+    identical on every rank, are counted once.
+    """
+    if sharded is None:
+        return ops.sqrt(_sum_squares(tree, None, True))
+    split = sum_shards(_sum_squares(tree, sharded, True).reshape(1))[0]
+    return ops.sqrt(_sum_squares(tree, sharded, False) + split)
 
 
-def tree_global_norm(tree):
-    """sqrt(sum of squares over every leaf), accumulated in float32."""
+def _sum_squares(tree, mask, want: bool):
+    """Sum of squares over the leaves whose mask is `want` (every leaf when mask is None)."""
     total = ms.Tensor(0.0, ms.float32)
-    for leaf in tree_leaves(tree):
-        x = leaf.astype(ms.float32)
-        total = total + (x * x).sum()
-    return ops.sqrt(total)
+    if isinstance(tree, dict):
+        for k in tree:                       # insertion order; `sorted(tree)` is empty in graph
+            total = total + _sum_squares(tree[k], None if mask is None else mask[k], want)
+        return total
+    if isinstance(tree, tuple):
+        for i in range(len(tree)):
+            total = total + _sum_squares(tree[i], None if mask is None else mask[i], want)
+        return total
+    if mask is not None and mask != want:
+        return total
+    x = tree.astype(ms.float32)
+    return (x * x).sum()

@@ -1,16 +1,17 @@
-"""Single-process checks of the SPMD model: identity context == tc2.model; context parallel
-simulated in one process (ranks folded into the batch, roll rotation) == the full sequence,
-forward and gradients, with positions past training_seqlen (dynamic NTK + mscale)."""
+"""Single-process checks of the one stack under a parallel context: context parallel simulated
+in one process (ranks folded into the batch, roll rotation) == the full sequence, forward and
+gradients, with positions past training_seqlen (dynamic NTK + mscale); a process's share of a
+global batch (`ParallelContext.local_batch`)."""
 import mindspore as ms
 import numpy as np
 import pytest
 
 from tc2.cache import PAD_POS
 from tc2.config import tiny
-from tc2.model import cross_entropy_sum, forward, init_params
+from tc2.context import LOCAL, ParallelContext
+from tc2.model import cross_entropy_sum, forward, init_params, loss_sums
 from tc2.nn.ring import unfold_ranks
-from tc2.parallel.collectives import fold_batch, local_context, shard_batch, spmd_forward, spmd_loss_sums
-from tc2.parallel.sharding import Mesh
+from tc2.parallel.collectives import local_context
 from tc2.tree import tree_flatten_with_names
 
 CFG = tiny(n_layer=2)                 # training_seqlen 64
@@ -49,14 +50,14 @@ def _full(params, tokens, labels, positions, segment_ids, seq_len):
 
 def _make_spmd(ctx):
     def loss(params, tokens, labels, positions, segment_ids, seq_len):
-        s, n = spmd_loss_sums(params, tokens, labels, CFG, ctx, positions=positions, seq_len=seq_len,
-                              segment_ids=segment_ids)
+        s, n = loss_sums(params, tokens, labels, CFG, positions=positions, seq_len=seq_len,
+                         segment_ids=segment_ids, ctx=ctx)
         return s
 
     @ms.jit
     def run(params, tokens, labels, positions, segment_ids, seq_len):
-        logits = spmd_forward(params, tokens, CFG, ctx, positions=positions, seq_len=seq_len,
-                              segment_ids=segment_ids)
+        logits, _ = forward(params, tokens, CFG, positions=positions, seq_len=seq_len,
+                            segment_ids=segment_ids, ctx=ctx)
         value, grads = ms.value_and_grad(loss, grad_position=0)(params, tokens, labels, positions,
                                                                  segment_ids, seq_len)
         return logits, value, grads
@@ -71,17 +72,17 @@ def params():
 @pytest.fixture(scope="module")
 def reference(params):
     b = _batch()
-    seq_len = ms.Tensor(shard_batch(b, Mesh(), 0)["seq_len"])
+    seq_len = ms.Tensor(LOCAL.local_batch(b)["seq_len"])
     logits, loss, grads = _full(ms.mutable(params), *(ms.Tensor(b[k]) for k in
                                                       ("tokens", "labels", "positions", "segment_ids")), seq_len)
     return logits.asnumpy(), float(loss.asnumpy()), {n: g.asnumpy() for n, g in tree_flatten_with_names(grads).items()}
 
 
-def test_shard_batch_global_lengths():
+def test_local_batch_global_lengths():
     b = _batch()
-    sb = shard_batch(b, Mesh(), 0)
+    sb = LOCAL.local_batch(b)
     assert sb["seq_len"].tolist() == [40, T - 4]      # max valid position + 1 per row
-    two = shard_batch(b, Mesh(dp=2, cp=2), 3)          # dp 1, cp 1: row 1, zigzag chunks 1 and 2
+    two = ParallelContext(dp=2, cp=2, rank=3, dp_rank=1, cp_rank=1).local_batch(b)   # row 1, zigzag chunks 1, 2
     assert two["tokens"].shape == (1, 38) and two["seq_len"].tolist() == [T - 4]
     idx = np.r_[19:38, 38:57]
     np.testing.assert_array_equal(two["positions"][0], b["positions"][1, idx])
@@ -90,7 +91,7 @@ def test_shard_batch_global_lengths():
 @pytest.mark.parametrize("cp,layout", [(1, "zigzag"), (2, "zigzag"), (3, "contiguous")])
 def test_context_parallel_simulation_equals_full_sequence(params, reference, cp, layout):
     ref_logits, ref_loss, ref_grads = reference
-    fb = fold_batch(_batch(), cp, layout=layout)
+    fb = local_context(cp, layout).local_batch(_batch())
     logits, loss, grads = _make_spmd(local_context(cp, layout))(
         ms.mutable(params), *(ms.Tensor(fb[k]) for k in ("tokens", "labels", "positions", "segment_ids", "seq_len")))
     logits = unfold_ranks(logits.asnumpy(), cp, T, layout)

@@ -2,7 +2,7 @@
 import mindspore as ms
 import numpy as np
 
-from tc2.tree import (tree_flatten_with_names, tree_global_norm, tree_leaves, tree_map, tree_unflatten,
+from tc2.tree import (tree_flatten_with_names, global_norm, tree_leaves, tree_map, tree_unflatten,
                       tree_unflatten_from_names)
 
 TREE = {"b": ms.Tensor(np.array([3.0], np.float32)),
@@ -11,7 +11,7 @@ TREE = {"b": ms.Tensor(np.array([3.0], np.float32)),
 
 @ms.jit
 def _norm_in_graph(tree):
-    return tree_global_norm(tree)
+    return global_norm(tree)
 
 
 @ms.jit
@@ -26,7 +26,7 @@ def _double_in_graph(tree):
 
 def test_global_norm_host_and_graph():
     want = np.sqrt(9 + 1 + 4 + 16)
-    assert float(tree_global_norm(TREE).asnumpy()) == np.float32(want)
+    assert float(global_norm(TREE).asnumpy()) == np.float32(want)
     assert float(_norm_in_graph(ms.mutable(TREE)).asnumpy()) == np.float32(want)
 
 

@@ -30,9 +30,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from tc2.checkpoint.hf import (INDEX, SINGLE, StagedDir, check_hf_layout, hf_shapes, hf_tensor_files,
+from tc2.checkpoint.hf import (INDEX, SINGLE, check_hf_layout, hf_shapes, hf_tensor_files,
                          write_hf_tensors)
 from tc2.config import ModelConfig
+from tc2.files import StagedDir
 from tc2.checkpoint.mindformers import MindFormersCheckpoint, mf_name, resolve_config
 from tc2.checkpoint.ms_ckpt import write_ckpt
 from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, np_dtype, read_header,

@@ -18,6 +18,7 @@ import mindspore as ms
 import numpy as np
 
 from tc2.config import ModelConfig
+from tc2.files import StagedDir
 from tc2.model import param_specs
 from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, parse_size,
                              plan_shards, read_header)
@@ -109,8 +110,12 @@ def iter_hf_tensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
                 yield name, f.get(name)
 
 
-def load_hf(path: str, *, dtype=ms.float32, **config_overrides):
-    """An official TeleChat2 HF directory -> (params pytree of ms.Tensor, ModelConfig)."""
+def load_hf(path: str, *, dtype=ms.float32, ctx=None, **config_overrides):
+    """An official TeleChat2 HF directory -> (params pytree of ms.Tensor, ModelConfig).
+
+    ctx: a `tc2.context.ParallelContext` under tensor parallelism: only this process's shards
+    are kept (each tensor is read, sliced and dropped, so a rank never holds the whole model).
+    """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     cfg = ModelConfig.from_hf(path, **config_overrides)
@@ -121,7 +126,16 @@ def load_hf(path: str, *, dtype=ms.float32, **config_overrides):
             shapes[name] = meta["shape"]
     check_hf_layout(cfg, {n: shapes.get(n, ()) for n in files}, path)
     tc2_of = {h: n for h, (_, n) in hf_shapes(cfg).items()}
-    flat = {tc2_of[n]: ms.Tensor(a.astype(np.float32, copy=False)).astype(dtype) for n, a in iter_hf_tensors(path)}
+    slices = None
+    if ctx is not None and ctx.tp > 1:
+        from tc2.parallel.sharding import local_slices
+        slices = local_slices(cfg, ctx)
+    flat = {}
+    for n, a in iter_hf_tensors(path):
+        name = tc2_of[n]
+        if slices is not None:
+            a = np.ascontiguousarray(a[slices[name].index])
+        flat[name] = ms.Tensor(a.astype(np.float32, copy=False)).astype(dtype)
     return tree_unflatten_from_names(param_specs(cfg), flat), cfg
 
 
@@ -201,73 +215,3 @@ def write_hf_tensors(tensors: Iterable[Tuple[str, np.ndarray, str]], cfg: ModelC
         stage.json("config.json", {**cfg.to_hf(), "torch_dtype": dtype})
         stage.commit(stale=[f for f in stage.existing() if f == INDEX or
                             (f.startswith("model") and f.endswith(".safetensors"))])
-
-
-class StagedDir:
-    """Output files of one directory that appear together or not at all.
-
-    Every file goes under `<file>.partial-<pid>` (`file(rel)` gives that name) and is renamed in
-    at `commit`, after which `stale` files (e.g. left by an older, differently sharded save)
-    are removed. `abort` removes the temporaries and the directories this created, so a failed
-    write leaves `dest` as it was (or absent). As a context manager, leaving without `commit`
-    (an exception) aborts.
-    """
-
-    def __init__(self, dest: str):
-        if os.path.exists(dest) and not os.path.isdir(dest):
-            raise NotADirectoryError(f"{dest} exists and is not a directory")
-        self.dest = str(dest)
-        self._files: List[Tuple[str, str]] = []
-        self._dirs: List[str] = []                   # created here, parents first
-        self._makedirs(self.dest)
-
-    def existing(self) -> List[str]:
-        """The names in `dest` other than this stage's temporaries."""
-        return sorted(set(os.listdir(self.dest)) - {os.path.basename(t) for t, _ in self._files})
-
-    def file(self, rel: str) -> str:
-        """The temporary path to write `dest/rel` under."""
-        final = os.path.join(self.dest, rel)
-        self._makedirs(os.path.dirname(final))
-        tmp = f"{final}.partial-{os.getpid()}"
-        self._files.append((tmp, final))
-        return tmp
-
-    def _makedirs(self, d: str) -> None:
-        missing = []
-        while d and not os.path.isdir(d):
-            missing.append(d)
-            d = os.path.dirname(d)
-        for d in reversed(missing):
-            os.mkdir(d)
-            self._dirs.append(d)
-
-    def json(self, rel: str, obj) -> None:
-        with open(self.file(rel), "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-
-    def commit(self, stale: Iterable[str] = ()) -> None:
-        """Rename every file in; then remove `stale` (paths relative to dest) not just written."""
-        for tmp, final in self._files:
-            os.replace(tmp, final)
-        written = {os.path.normpath(final) for _, final in self._files}
-        for rel in stale:
-            p = os.path.normpath(os.path.join(self.dest, rel))
-            if p not in written and os.path.exists(p):
-                os.remove(p)
-        self._files, self._dirs = [], []
-
-    def abort(self) -> None:
-        for tmp, _ in self._files:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        for d in reversed(self._dirs):
-            if os.path.isdir(d) and not os.listdir(d):
-                os.rmdir(d)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.abort()                                  # a no-op after commit

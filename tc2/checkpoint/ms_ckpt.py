@@ -19,7 +19,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from tc2.checkpoint.safetensors import WEIGHT_DTYPES, atomic_file, encoded_blocks, nbytes, np_dtype
+from tc2.checkpoint.safetensors import WEIGHT_DTYPES, encoded_blocks, nbytes, np_dtype
+from tc2.files import atomic_file
 
 _CKPT_TYPES = {"Float32": "float32", "Float16": "float16", "BFloat16": "bfloat16", "Float64": "float64",
                "Int8": "int8", "UInt8": "uint8", "Int16": "int16", "UInt16": "uint16", "Int32": "int32",

@@ -26,6 +26,8 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tc2.files import atomic_file
+
 # ---- raw dtypes -----------------------------------------------------------------------------
 ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
              "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
@@ -90,18 +92,6 @@ def encode_tensor(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return bf16_bits_from_f32(np.asarray(a, dtype=np.float32))
     return np.ascontiguousarray(np.asarray(a).astype(dtype))
-
-
-@contextmanager
-def atomic_file(path: str):
-    """Yield a temporary name next to `path`; renamed to `path` only if the block succeeds."""
-    tmp = f"{path}.partial-{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -221,7 +211,7 @@ class SafetensorsWriter:
     """One safetensors file written header first, then tensor by tensor in header order.
 
     `entries`: [(name, shape, stored dtype name)]. Writes go straight to `path`: wrap it in
-    `atomic_file` or a staged directory (`tc2.checkpoint.StagedDir`) so a failure leaves
+    `tc2.files.atomic_file` or a `tc2.files.StagedDir` so a failure leaves
     nothing behind. As a context manager it closes (checking completeness) or aborts.
     """
 

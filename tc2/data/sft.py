@@ -31,13 +31,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tc2.config import IGNORE_INDEX
 from tc2.data.chat import template_segments, template_system_text
 
 __all__ = ["IGNORE_INDEX", "ChatTokens", "DataError", "Example", "PackConfig", "PackReport",
            "PackedRows", "example_from_json", "read_examples", "pack_examples",
            "segments_from_rows", "preprocess"]
 
-IGNORE_INDEX = -100
 
 
 class DataError(ValueError):

@@ -8,12 +8,12 @@ phrasing that training used only for other countries. Written in the official Te
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import zlib
 from dataclasses import dataclass
 from typing import List
+
+from tc2.files import write_jsonl_atomic
 
 SYSTEM = "You are tc2-tiny."
 
@@ -116,13 +116,8 @@ def make_examples(n: int, *, seed: int = 0, heldout: bool = False, tasks=tuple(T
 
 
 def write_dialog_jsonl(examples: List[Example], path: str) -> str:
-    """Write examples as official dialog-format jsonl (temp file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(ex.dialog(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Write examples as official dialog-format jsonl (atomically)."""
+    write_jsonl_atomic(path, (ex.dialog() for ex in examples))
     return path
 
 

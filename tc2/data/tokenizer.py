@@ -15,14 +15,13 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
 import sentencepiece as spm
 
-from tc2.data.chat import render_chat, render_chat_text  # re-exported: tc2.tokenizer.render_chat
+from tc2.files import write_atomic
 
-__all__ = ["Tokenizer", "train_tokenizer", "synthetic_corpus", "render_chat", "render_chat_text",
+__all__ = ["Tokenizer", "train_tokenizer", "synthetic_corpus",
            "DEFAULT_SPECIAL_TOKENS", "TELECHAT_CONTROL_SYMBOLS", "TELECHAT_USER_DEFINED_SYMBOLS"]
 
 # The strings the official tokenizers split on (MF TelechatTokenizer's added tokens). Only the
@@ -239,7 +238,7 @@ def train_tokenizer(texts_or_file, out_prefix: Union[str, os.PathLike], *,
     except RuntimeError as e:
         raise ValueError(f"SentencePiece training failed: {e}") from None
     out = os.fspath(out_prefix) + ".model"
-    _atomic_write_bytes(out, buf.getvalue())
+    write_atomic(out, buf.getvalue())
     return out
 
 
@@ -276,18 +275,3 @@ def synthetic_corpus(n_lines: int = 2000, seed: int = 0) -> List[str]:
                     f"{rng.choice(_ZH)}{rng.choice(['😀', '👍', '', ''])}")
         lines.append(line)
     return lines
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temp file in the target directory, then rename: no half-written file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

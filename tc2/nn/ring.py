@@ -85,14 +85,23 @@ def _decode(y, like):
     return y
 
 
-def slot_shift(x, ring_size: int, ring_rank: int, all_reduce, offset: int = 1):
-    """The value of x on ring rank (ring_rank - offset) % R, through one sum-AllReduce."""
+def slot_all_reduce(x, size: int, rank: int, all_reduce):
+    """[size, *x.shape]: every group member's x in its slot, through one sum-AllReduce.
+
+    The CPU backend has no Send/Receive, no AllGather on sub-groups and no MAX reduction;
+    writing x into this rank's slot of a zero buffer and summing gives all of them (size x the
+    traffic), differentiably through AllReduce's own backward.
+    """
     zeros = ops.zeros((1,) + x.shape, x.dtype)
     slots = ()
-    for r in range(ring_size):
-        slots = slots + ((x.expand_dims(0) if r == ring_rank else zeros),)
-    buf = all_reduce(ops.concat(slots, axis=0))                              # [R, ...]
-    return buf[(ring_rank - offset) % ring_size]
+    for r in range(size):
+        slots = slots + ((x.expand_dims(0) if r == rank else zeros),)
+    return all_reduce(ops.concat(slots, axis=0))                                 # [R, ...]
+
+
+def slot_shift(x, ring_size: int, ring_rank: int, all_reduce, offset: int = 1):
+    """The value of x on ring rank (ring_rank - offset) % R, through one sum-AllReduce."""
+    return slot_all_reduce(x, ring_size, ring_rank, all_reduce)[(ring_rank - offset) % ring_size]
 
 
 def allreduce_rotation(ring_size: int, ring_rank: int, all_reduce) -> Callable:

@@ -1,45 +1,27 @@
-"""Explicit SPMD over msrun ranks: every rank runs the same jitted functions on its shard.
+"""This process's `ParallelContext` under msrun: process groups and collectives with the right gradients.
 
-Collectives are written out (shard_map style) instead of left to an auto-parallel compiler:
-
-* tensor parallel (Megatron): query / key_value / gate / up split by heads or ffn columns and
-  dense / down by rows, whose partial products are summed by an all-reduce; the embedding and
-  lm_head are vocab-parallel and the cross-entropy never gathers the full logits. The loss is
-  replicated over tp, so the all-reduces are the custom-bprop pair f (identity forward,
-  all-reduce backward) and g (all-reduce forward, identity backward): a plain AllReduce would
-  make the gradients tp times too large (MINDSPORE_NOTES §3).
-* context parallel: each cp rank holds a zigzag share of the sequence with its GLOBAL positions
-  and the global length (RoPE, dynamic NTK and the causal mask are global); attention is
-  `tc2.nn.ring.ring_attention` with the injected rotation; everything else is per token.
-* data parallel: each rank's loss is its share of the global token mean (its loss sum divided
-  by the global loss-token count), so summing gradients over dp x cp gives exactly the
-  gradient of the single-process step on the global batch.
-
-The per-rank forward reuses the tc2.nn kernels; with tp = cp = 1 it is `tc2.model.forward`.
+Collectives are written out (shard_map style) instead of left to an auto-parallel compiler,
+which does not run on CPU (MINDSPORE_NOTES §7). The loss is replicated over tp, so the
+Megatron all-reduces are custom-bprop pairs: f (`CopyToGroup`: identity forward, all-reduce
+backward) and g (`ReduceFromGroup`: all-reduce forward, identity backward); a plain AllReduce
+would make the gradients tp times too large (MINDSPORE_NOTES §3). Sub-group gathers, the
+ring rotation and the max are built from one sum-AllReduce of per-rank slots
+(`tc2.nn.ring.slot_all_reduce`), because the CPU backend has nothing else that works in graphs.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any
+import os
 
 import mindspore as ms
-import numpy as np
 from mindspore import nn, ops
 from mindspore.ops import ReduceOp
 
-from tc2.cache import PAD_POS
-from tc2.config import ModelConfig
-from tc2.model import IGNORE_INDEX, cross_entropy_sum
-from tc2.nn import apply_rope, attention, linear, rms_norm, rope_cos_sin
-from tc2.nn.ring import LAYOUTS, allreduce_rotation, fold_ranks, neighbor_rotation, ring_attention, roll_rotation
-from tc2.parallel.sharding import Mesh
-
-_DT = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+from tc2.context import ParallelContext
+from tc2.nn.ring import LAYOUTS, allreduce_rotation, neighbor_rotation, roll_rotation, slot_all_reduce
+from tc2.parallel.mesh import Mesh, ParallelConfig
 
 
-# ---------------------------------------------------------------------------------------------
-# collectives with the right gradients
 class CopyToGroup(nn.Cell):
     """Megatron f: identity forward; backward sums the gradient over the group."""
 
@@ -69,12 +51,11 @@ class ReduceFromGroup(nn.Cell):
 
 
 class GatherFromGroup(nn.Cell):
-    """All-gather along axis 0 for a replicated consumer; backward keeps this rank's slice.
+    """Concatenate the group's tensors along axis 0 for a replicated consumer; the backward
+    keeps this rank's slice of the cotangent (every rank holds the whole of it already).
 
     CPU AllGather works on the world group only and has no backward kernel (it would need
-    ReduceScatter), so by default the gather is a sum-AllReduce of per-rank slots (R x the
-    traffic) and the bprop is written out: the consumer is replicated, so every rank already
-    holds the whole cotangent. `native=True` uses AllGather (Ascend, or the world group).
+    ReduceScatter), hence the slot all-reduce; `native=True` uses AllGather (Ascend).
     """
 
     def __init__(self, group: str, size: int, rank: int, native: bool = False):
@@ -86,11 +67,7 @@ class GatherFromGroup(nn.Cell):
     def construct(self, x):
         if self.native:
             return self.all_gather(x)
-        zeros = ops.zeros((1,) + x.shape, x.dtype)
-        slots = ()
-        for r in range(self.size):
-            slots = slots + ((x.expand_dims(0) if r == self.rank else zeros),)
-        buf = self.all_reduce(ops.concat(slots, axis=0))                         # [R, n, ...]
+        buf = slot_all_reduce(x, self.size, self.rank, self.all_reduce)             # [R, n, ...]
         return buf.reshape((self.size * x.shape[0],) + x.shape[1:])
 
     def bprop(self, x, out, dout):
@@ -98,70 +75,67 @@ class GatherFromGroup(nn.Cell):
         return (dout[self.rank * n:(self.rank + 1) * n],)
 
 
-def _identity(x):
-    return x
+def _max_over(size: int, rank: int, all_reduce):
+    """Elementwise max over a group from a sum-only AllReduce (no gradient)."""
+    def max_over_group(x):
+        return slot_all_reduce(ops.stop_gradient(x), size, rank, all_reduce).max(axis=0)
+    return max_over_group
 
 
-@dataclass(frozen=True)
-class SpmdContext:
-    """What one rank's jitted functions need: its coordinates and the collectives (identities
-    on axes of size 1). Build with `spmd_context(mesh)` under msrun, or `local_context(cp)` for
-    a single-process context-parallel simulation (ranks folded into the batch)."""
-    mesh: Mesh
-    rank: int
-    tp_rank: int = 0
-    cp_rank: int = 0
-    layout: str = "zigzag"
-    copy_tp: Any = _identity            # f
-    reduce_tp: Any = _identity          # g
-    gather_tp: Any = _identity          # all-gather over tp (axis 0), replicated consumer
-    sum_tp: Any = _identity             # plain all-reduce over tp (no gradient semantics)
-    sum_dpcp: Any = _identity           # plain all-reduce over dp x cp (gradients, loss sums)
-    rotate: Any = None                  # ring rotation over cp
-    max_tp: Any = None                  # [N] -> elementwise max over tp ranks (no gradient)
-
-    @property
-    def tp(self) -> int:
-        return self.mesh.tp
-
-    @property
-    def cp(self) -> int:
-        return self.mesh.cp
+@functools.lru_cache(maxsize=None)
+def _world_sum():
+    return ops.AllReduce(ReduceOp.SUM)
 
 
-def local_context(cp: int = 1, layout: str = "zigzag") -> SpmdContext:
-    """Single process: cp virtual ranks folded into the batch (`fold_ranks`), roll rotation."""
+def barrier() -> None:
+    """Wait for every process of the msrun job (host side).
+
+    An eager all-reduce of one number, read back on the host: `mint.distributed.barrier()`
+    returns at once on the CPU backend (measured on MindSpore 2.10: rank 0 "waited" 0.00 s
+    while rank 1 slept 5 s), so it cannot order file writes between processes.
+    """
+    _world_sum()(ms.Tensor([1.0], ms.float32)).asnumpy()
+
+
+def local_context(cp: int = 1, layout: str = "zigzag") -> ParallelContext:
+    """One process simulating a context-parallel ring: the cp ranks' shares stacked in the batch
+    dimension (`ctx.local_batch` folds them), K/V rotated by a roll. For tests and debugging."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return SpmdContext(mesh=Mesh(cp=cp), rank=0, layout=layout,
-                       rotate=roll_rotation(cp) if cp > 1 else None)
+    return ParallelContext(cp=cp, layout=layout, folded=True, rotate=roll_rotation(cp) if cp > 1 else None)
 
 
-def spmd_context(mesh: Mesh, *, layout: str = "zigzag", rotation: str = "allreduce") -> SpmdContext:
+def spmd_context(mesh: Mesh, *, layout: str = "zigzag", rotation: str = "allreduce") -> ParallelContext:
     """This msrun rank's context: initialises communication and creates its dp/cp/tp groups.
 
     rotation: "allreduce" (CPU: slot all-reduce, differentiable) or "neighbor" (Ascend
-    NeighborExchange). Pipeline parallelism is planned (layouts, memory) but not executed here.
-    The same arguments give the same context (groups are created once per process).
+    NeighborExchange, untested here). The same arguments give the same context (groups are
+    created once per process). A mesh of one process gives `LOCAL`'s equal.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if rotation not in ("allreduce", "neighbor"):
+        raise ValueError(f"rotation must be 'allreduce' or 'neighbor', got {rotation!r}")
+    if mesh.pp > 1:
+        raise ValueError(f"mesh {mesh}: pipeline stages are not executed yet (pp must be 1)")
+    if mesh.size == 1:
+        return ParallelContext(layout=layout)
+    if "MS_ROLE" not in os.environ:
+        raise ValueError(f"the layout {mesh} needs {mesh.size} processes: start it with MindSpore's "
+                         f"launcher, e.g. msrun --worker_num={mesh.size} --local_worker_num={mesh.size} "
+                         "--master_port=8118 --log_dir=logs --join=True <script> <args>")
     return _spmd_context(mesh, layout, rotation)
 
 
 @functools.lru_cache(maxsize=None)
-def _spmd_context(mesh: Mesh, layout: str, rotation: str) -> SpmdContext:
+def _spmd_context(mesh: Mesh, layout: str, rotation: str) -> ParallelContext:
     from mindspore.communication import create_group, get_group_size, get_rank, init
     from mindspore.communication.management import GlobalComm
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if mesh.pp > 1:
-        raise NotImplementedError("pipeline parallel execution is not implemented: pp is used for "
-                                  "layouts and the memory plan only (run with pp=1)")
     if not GlobalComm.INITED:
         init()
     rank, world = get_rank(), get_group_size()
     if world != mesh.size:
-        raise ValueError(f"mesh {mesh} needs {mesh.size} processes, msrun started {world} "
-                         f"(--worker_num)")
+        raise ValueError(f"mesh {mesh} needs {mesh.size} processes, msrun started {world} (--worker_num)")
     c = mesh.coords(rank)
 
     def group(axes):
@@ -172,176 +146,41 @@ def _spmd_context(mesh: Mesh, layout: str, rotation: str) -> SpmdContext:
     kw = {}
     if mesh.tp > 1:
         g = group("tp")
-        kw.update(copy_tp=CopyToGroup(g), reduce_tp=ReduceFromGroup(g),
-                  gather_tp=GatherFromGroup(g, mesh.tp, c["tp"]),
-                  sum_tp=ops.AllReduce(ReduceOp.SUM, g))
-        kw["max_tp"] = _slot_max(mesh.tp, c["tp"], kw["sum_tp"])
+        sum_tp = ops.AllReduce(ReduceOp.SUM, g)
+        kw.update(copy_tp=CopyToGroup(g), reduce_tp=ReduceFromGroup(g), sum_tp=sum_tp,
+                  gather_tp=GatherFromGroup(g, mesh.tp, c["tp"]), max_tp=_max_over(mesh.tp, c["tp"], sum_tp))
     if mesh.dp * mesh.cp > 1:
         kw["sum_dpcp"] = ops.AllReduce(ReduceOp.SUM, group(("dp", "cp")))
     if mesh.cp > 1:
         g = group("cp")
         if rotation == "allreduce":
             kw["rotate"] = allreduce_rotation(mesh.cp, c["cp"], ops.AllReduce(ReduceOp.SUM, g))
-        elif rotation == "neighbor":
-            kw["rotate"] = neighbor_rotation(mesh.cp, c["cp"], mesh.group("cp", rank), g)
         else:
-            raise ValueError(f"rotation must be 'allreduce' or 'neighbor', got {rotation!r}")
-    return SpmdContext(mesh=mesh, rank=rank, tp_rank=c["tp"], cp_rank=c["cp"], layout=layout, **kw)
+            kw["rotate"] = neighbor_rotation(mesh.cp, c["cp"], mesh.group("cp", rank), g)
+    return ParallelContext(dp=mesh.dp, cp=mesh.cp, tp=mesh.tp, rank=rank, dp_rank=c["dp"], cp_rank=c["cp"],
+                           tp_rank=c["tp"], layout=layout, barrier=barrier, **kw)
 
 
-def _slot_max(size: int, rank: int, all_reduce):
-    """Elementwise max over the group from a sum-only AllReduce (CPU has no MAX all-reduce)."""
-    def max_over_group(x):
-        x = ops.stop_gradient(x)
-        zeros = ops.zeros((1,) + x.shape, x.dtype)
-        slots = ()
-        for r in range(size):
-            slots = slots + ((x.expand_dims(0) if r == rank else zeros),)
-        return all_reduce(ops.concat(slots, axis=0)).max(axis=0)
-    return max_over_group
+def mesh_of(ctx: ParallelContext) -> Mesh:
+    """The mesh a context belongs to (for slicing parameters and checkpoints on the host)."""
+    return Mesh(dp=ctx.dp, cp=ctx.cp, tp=ctx.tp)
 
 
-# ---------------------------------------------------------------------------------------------
-# the per-rank model
-def _vocab_embedding(table, tokens, ctx: SpmdContext):
-    """Rows [start, start + V/tp) of the embedding live here; others contribute zeros, g sums."""
+def context_for(parallel: ParallelConfig, layout: str = "zigzag") -> ParallelContext:
+    """The context of this process for a requested layout (ValueError for what does not execute)."""
+    return spmd_context(parallel.executable().mesh(), layout=layout)
+
+
+def local_params(params, cfg, ctx: ParallelContext):
+    """This process's shards of `params`: the full model is sliced (host side, tensor by
+    tensor); params that already have this process's shapes are returned as they are."""
+    from tc2.parallel.sharding import local_slices, shard_params
     if ctx.tp == 1:
-        return ops.gather(table, tokens, 0)
-    n = table.shape[0]
-    local = tokens - ctx.tp_rank * n
-    inside = ops.logical_and(local >= 0, local < n)
-    e = ops.gather(table, ops.where(inside, local, 0), 0)                        # [B, T, H]
-    return ctx.reduce_tp(e * inside.expand_dims(-1).astype(e.dtype))
-
-
-def _block(p, x, cos, sin, positions, segment_ids, cfg: ModelConfig, ctx: SpmdContext):
-    """One decoder layer on this rank's heads / ffn columns / sequence share."""
-    dt = _DT[cfg.dtype]
-    B, T = positions.shape
-    D = cfg.head_dim
-    n_q, n_kv = p["query"].shape[0] // D, p["key_value"].shape[0] // (2 * D)    # local heads
-    h = ctx.copy_tp(rms_norm(x, p["input_layernorm"], cfg.layer_norm_epsilon).astype(dt))
-    q = apply_rope(linear(h, p["query"]).reshape(B, T, n_q, D), cos, sin)        # [B, T, nq, D]
-    kv = linear(h, p["key_value"]).reshape(B, T, n_kv, 2 * D)                    # [B, T, nkv, 2D]
-    k, v = apply_rope(kv[..., :D], cos, sin), kv[..., D:]
-    if ctx.rotate is None:
-        a = attention(q, k, v, positions, positions, q_segment=segment_ids, kv_segment=segment_ids)
-    else:
-        a, _ = ring_attention(q, k, v, positions, positions, rotate=ctx.rotate, ring_size=ctx.cp,
-                              q_segment=segment_ids, kv_segment=segment_ids)
-        a = a.astype(q.dtype)
-    a = ctx.reduce_tp(linear(a.reshape(B, T, n_q * D), p["dense"]))              # [B, T, H]
-    x = x + (a + p["dense_bias"].astype(dt)).astype(ms.float32)
-    h = ctx.copy_tp(rms_norm(x, p["post_attention_layernorm"], cfg.layer_norm_epsilon).astype(dt))
-    m = ops.silu(linear(h, p["gate_proj"])) * linear(h, p["up_proj"])            # [B, T, F/tp]
-    m = ctx.reduce_tp(linear(m, p["down_proj"]))                                 # [B, T, H]
-    return x + (m + p["down_proj_bias"].astype(dt)).astype(ms.float32)
-
-
-def spmd_forward(params, tokens, cfg: ModelConfig, ctx: SpmdContext, *, positions=None, seq_len=None,
-                 segment_ids=None):
-    """This rank's logits [B, T, V/tp] (compute dtype) from its local params and token share.
-
-    Under context parallelism `positions` (global, PAD_POS for padding) and `seq_len` ([B]
-    global lengths, for dynamic NTK) are required: a chunk alone cannot know them.
-    """
-    B, T = tokens.shape
-    if positions is None:
-        positions = ops.arange(T, dtype=ms.int32).expand_dims(0).broadcast_to((B, T))
-    if seq_len is None:
-        seq_len = ops.where(positions < PAD_POS, positions, -1).max(axis=1) + 1         # [B]
-    cos, sin = rope_cos_sin(positions, seq_len, head_dim=cfg.head_dim, base_seqlen=cfg.base_seqlen,
-                            training_seqlen=cfg.training_seqlen, theta=cfg.rope_theta)  # [B, T, D]
-    x = _vocab_embedding(params["word_embeddings"], tokens, ctx).astype(ms.float32)     # [B, T, H]
-    for i in range(len(params["layers"])):
-        x = _block(params["layers"][i], x, cos, sin, positions, segment_ids, cfg, ctx)
-    x = rms_norm(x, params["ln_f"], cfg.layer_norm_epsilon).astype(_DT[cfg.dtype])
-    return linear(ctx.copy_tp(x), params["lm_head"])                                   # [B, T, V/tp]
-
-
-def vocab_parallel_cross_entropy_sum(logits, labels, ctx: SpmdContext):
-    """(sum of token CE, loss-token count) from vocab-sharded logits [.., V/tp], never gathered.
-
-    lse = log(sum over ranks of sum(exp(l - m))) + m with m the global max (constant for the
-    gradient); the target logit comes from the rank owning it. Both sums use g, so the
-    gradient w.r.t. the local logits is softmax - onehot on this rank's columns.
-    """
-    if ctx.tp == 1:
-        return cross_entropy_sum(logits, labels)
-    n = logits.shape[-1]
-    logits = logits.reshape(-1, n).astype(ms.float32)                                  # [N, V/tp]
-    labels = labels.reshape(-1)
-    keep = labels != IGNORE_INDEX
-    mx = ctx.max_tp(logits.max(axis=-1))                                               # [N]
-    sumexp = ctx.reduce_tp(ops.exp(logits - mx.expand_dims(1)).sum(axis=-1))          # [N]
-    local = labels - ctx.tp_rank * n
-    mine = ops.logical_and(keep, ops.logical_and(local >= 0, local < n))
-    picked = ops.gather_elements(logits, 1, ops.where(mine, local, 0).astype(ms.int32).expand_dims(1))
-    picked = ctx.reduce_tp(picked.squeeze(1) * mine.astype(ms.float32))               # [N]
-    keepf = keep.astype(ms.float32)
-    return ((ops.log(sumexp) + mx - picked) * keepf).sum(), keepf.sum()
-
-
-def spmd_loss_sums(params, tokens, labels, cfg: ModelConfig, ctx: SpmdContext, *, positions=None,
-                   seq_len=None, segment_ids=None):
-    """(this rank's sum of token losses, its loss-token count); replicated over tp."""
-    logits = spmd_forward(params, tokens, cfg, ctx, positions=positions, seq_len=seq_len,
-                          segment_ids=segment_ids)
-    return vocab_parallel_cross_entropy_sum(logits, labels, ctx)
-
-
-def gather_logits(logits, ctx: SpmdContext):
-    """Full-vocab logits [B, T, V] from the vocab shards (for sampling/eval; costs V per token)."""
-    if ctx.tp == 1:
-        return logits
-    parts = ctx.gather_tp(logits.swapaxes(0, 2))                                   # [V, T, B]
-    return parts.swapaxes(0, 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# host side: this rank's share of a global batch
-def shard_batch(batch: dict, mesh: Mesh, rank: int, *, layout: str = "zigzag", pad_id: int = 3) -> dict:
-    """The rows (dp) and sequence share (cp) of a global batch that `rank` computes on.
-
-    batch: numpy-like [B, T] "tokens", "labels" (shifted, -100 = no loss), optional
-    "positions" (default arange) and "segment_ids". Returns int32 arrays plus "seq_len" [B/dp]
-    (the global length of each row, for dynamic NTK). Sequences are padded to the layout's
-    chunk multiple with pad_id / label -100 / position PAD_POS / segment -1.
-    """
-    tokens = np.asarray(batch["tokens"])
-    B, T = tokens.shape
-    if B % mesh.dp:
-        raise ValueError(f"a batch of {B} rows does not split over dp={mesh.dp}")
-    c = mesh.coords(rank)
-    rows = slice(c["dp"] * (B // mesh.dp), (c["dp"] + 1) * (B // mesh.dp))
-    positions = batch.get("positions")
-    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)) if positions is None else np.asarray(positions)
-    seq_len = np.where(positions < PAD_POS, positions, -1).max(axis=1) + 1
-    fields = {"tokens": (tokens, pad_id), "labels": (np.asarray(batch["labels"]), IGNORE_INDEX),
-              "positions": (positions, PAD_POS)}
-    if batch.get("segment_ids") is not None:
-        fields["segment_ids"] = (np.asarray(batch["segment_ids"]), -1)
-    out = {}
-    for name, (a, pad) in fields.items():
-        a = a[rows]
-        if a.shape != (B // mesh.dp, T):
-            raise ValueError(f"batch[{name!r}] has shape {np.asarray(batch[name]).shape}, tokens {tokens.shape}")
-        if mesh.cp > 1:
-            folded = fold_ranks(a, mesh.cp, layout, pad)
-            n = folded.shape[0] // mesh.cp
-            a = folded[c["cp"] * n:(c["cp"] + 1) * n]
-        out[name] = np.ascontiguousarray(a, dtype=np.int32)
-    out["seq_len"] = seq_len[rows].astype(np.int32)
-    return out
-
-
-def fold_batch(batch: dict, cp: int, *, layout: str = "zigzag", pad_id: int = 3) -> dict:
-    """Single process: the whole cp group's shares stacked rank-major ([cp*B, T/cp]), for
-    `local_context(cp)`; "seq_len" repeated per virtual rank."""
-    parts = [shard_batch(batch, Mesh(cp=cp), r, layout=layout, pad_id=pad_id) for r in range(cp)]
-    return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
-
-
-__all__ = ["CopyToGroup", "ReduceFromGroup", "GatherFromGroup", "SpmdContext", "spmd_context",
-           "local_context", "spmd_forward", "spmd_loss_sums", "vocab_parallel_cross_entropy_sum",
-           "gather_logits", "shard_batch", "fold_batch"]
+        return params
+    if tuple(params["word_embeddings"].shape) == (cfg.vocab_size, cfg.hidden_size):
+        return shard_params(params, cfg, mesh_of(ctx), ctx.rank)
+    want = local_slices(cfg, ctx)["word_embeddings"].shape
+    if tuple(params["word_embeddings"].shape) != tuple(want):
+        raise ValueError(f"params are neither the full model nor the tp={ctx.tp} shards of rank {ctx.rank} "
+                         f"(word_embeddings {tuple(params['word_embeddings'].shape)})")
+    return params

@@ -15,119 +15,16 @@ Built on the same table: MindSpore `Layout`s / shard strategies for Ascend semi-
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from tc2.config import ModelConfig
-from tc2.model import ParamSpec, param_specs
+from tc2.model import DEFAULT_RULES, ParamSpec, param_specs
+from tc2.parallel.mesh import MESH_AXES, Mesh, ShardingError
 from tc2.tree import tree_flatten_with_names, tree_map, tree_unflatten_from_names
 
-MESH_AXES = ("dp", "cp", "tp", "pp")
-
-# Logical axis -> mesh axis (None: replicated). "layers" is the container axis of the per-layer
-# tuple (pipeline stages); "batch"/"seq" are the activation axes used by `op_strategies`.
-DEFAULT_RULES: Mapping[str, Optional[str]] = MappingProxyType({
-    "vocab": "tp", "q_heads": "tp", "kv_heads": "tp", "mlp": "tp", "embed": None,
-    "head_dim": None, "layers": "pp", "batch": "dp", "seq": "cp",
-})
-
-
-class ShardingError(ValueError):
-    """A mesh / rules / config combination that cannot be laid out (names the tensor and sizes)."""
-
-
-@dataclass(frozen=True)
-class Mesh:
-    """dp x cp x tp x pp devices. Rank order (fastest first): tp, cp, dp, pp, as Megatron does,
-    so a tp group is a run of consecutive ranks (one node's fast interconnect)."""
-    dp: int = 1
-    cp: int = 1
-    tp: int = 1
-    pp: int = 1
-
-    def __post_init__(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ShardingError(f"Mesh.{f.name} must be a positive int, got {v!r}")
-
-    @property
-    def size(self) -> int:
-        return self.dp * self.cp * self.tp * self.pp
-
-    @property
-    def shape(self) -> Dict[str, int]:
-        return {a: getattr(self, a) for a in MESH_AXES}
-
-    def axis_size(self, axes: Union[str, Sequence[str], None]) -> int:
-        if axes is None:
-            return 1
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        n = 1
-        for a in axes:
-            if a not in MESH_AXES:
-                raise ShardingError(f"unknown mesh axis {a!r}; mesh axes are {MESH_AXES}")
-            n *= getattr(self, a)
-        return n
-
-    # strides: tp fastest, then cp, dp, pp
-    def _strides(self) -> Dict[str, int]:
-        return {"tp": 1, "cp": self.tp, "dp": self.tp * self.cp, "pp": self.tp * self.cp * self.dp}
-
-    def coords(self, rank: int) -> Dict[str, int]:
-        """{"dp": i, "cp": j, "tp": k, "pp": s} of a global rank."""
-        if not 0 <= rank < self.size:
-            raise ShardingError(f"rank {rank} is outside a mesh of {self.size} devices ({self})")
-        st = self._strides()
-        return {a: (rank // st[a]) % getattr(self, a) for a in MESH_AXES}
-
-    def rank(self, **coords: int) -> int:
-        """Global rank at the given coordinates (missing axes: 0)."""
-        st = self._strides()
-        r = 0
-        for a, i in coords.items():
-            if a not in MESH_AXES:
-                raise ShardingError(f"unknown mesh axis {a!r}; mesh axes are {MESH_AXES}")
-            if not 0 <= i < getattr(self, a):
-                raise ShardingError(f"{a}={i} is outside the mesh ({a} size {getattr(self, a)})")
-            r += i * st[a]
-        return r
-
-    def group(self, axes: Union[str, Sequence[str]], rank: int) -> Tuple[int, ...]:
-        """The ranks that differ from `rank` only along `axes` (sorted): its dp/cp/tp group."""
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        self.axis_size(axes)                       # validates the names
-        c = self.coords(rank)
-        members = []
-        for r in range(self.size):
-            rc = self.coords(r)
-            if all(rc[a] == c[a] for a in MESH_AXES if a not in axes):
-                members.append(r)
-        return tuple(members)
-
-    def groups(self, axes: Union[str, Sequence[str]]) -> Tuple[Tuple[int, ...], ...]:
-        """Every group along `axes`, each once, in order of its first rank."""
-        seen = []
-        for r in range(self.size):
-            g = self.group(axes, r)
-            if g not in seen:
-                seen.append(g)
-        return tuple(seen)
-
-    def group_name(self, axes: Union[str, Sequence[str]], rank: int) -> str:
-        """A name every member of the group derives identically (for `create_group`)."""
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        return "tc2_" + "".join(axes) + "_" + "_".join(str(r) for r in self.group(axes, rank))
-
-    def __str__(self):
-        return "x".join(f"{a}{getattr(self, a)}" for a in MESH_AXES if getattr(self, a) > 1) or "single"
-
-
-# ---------------------------------------------------------------------------------------------
-# logical -> mesh axes, checks
 def resolve_rules(rules) -> Mapping[str, Optional[str]]:
     """`rules`, or DEFAULT_RULES when None."""
     return DEFAULT_RULES if rules is None else rules
@@ -274,6 +171,24 @@ def local_param_specs(cfg: ModelConfig, mesh: Mesh, rank: int, rules=None) -> di
     out["layers"] = tuple({k: local(specs["layers"][i][k], sl["layers"][j][k]) for k in sl["layers"][j]}
                           for j, i in enumerate(layers))
     return out
+
+
+def local_slices(cfg: ModelConfig, ctx) -> Dict[str, Shard]:
+    """{tc2 name ("layers.0.query"): Shard} of the parameters process `ctx` holds (flat)."""
+    mesh = Mesh(dp=ctx.dp, cp=ctx.cp, tp=ctx.tp)
+    return tree_flatten_with_names(param_slices(cfg, mesh, 0 if ctx.folded else ctx.rank))
+
+
+def leaf_slice(name: str, slices: Dict[str, Shard]) -> Optional[Shard]:
+    """The Shard of parameter `name`, or of the parameter a state leaf shadows (an optimizer
+    moment "mu.layers.0.query" has the shape and the slice of "layers.0.query"); None when
+    `name` shadows no parameter (e.g. the optimizer's step count)."""
+    if name in slices:
+        return slices[name]
+    for p, shard in slices.items():
+        if name.endswith("." + p):
+            return shard
+    return None
 
 
 def _as_numpy(x):

@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from tc2.model import IGNORE_INDEX
+from tc2.config import IGNORE_INDEX
 
 ROW_KEYS = ("input_ids", "labels", "segment_ids", "positions")
 

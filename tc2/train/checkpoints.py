@@ -1,16 +1,20 @@
 """Train-state checkpoints: a directory per step that the official HF code can also load.
 
     out_dir/step_00000200/
-        config.json, model.safetensors (or shards + index)   -- tc2.checkpoint.save_hf, float32
+        config.json, model.safetensors (or shards + index)   -- the HF layout, float32
         optimizer.safetensors                                 -- optimizer state, by tree name
         state.json                                            -- step, loss scale, data cursor,
                                                                  configs, file sizes
-A checkpoint is written into a hidden temp directory next to its final name, flushed, and
-renamed into place, so a crash never leaves a `step_*` directory half-written. `state.json`
-lists every file with its size; `validate_checkpoint` checks those and every safetensors
-header, so a truncated or tampered directory is refused with an error that names it, and
-`latest_checkpoint` falls back to the newest complete one. Weights stay float32: resuming
-from a checkpoint continues bit-exactly.
+One format at every scale: under msrun each tensor-parallel shard (its dp = cp = 0 replica)
+writes its parameters and optimizer state to `.shards-step_N/rank_{tp}/`, and rank 0 merges
+them tensor by tensor into the same full directory a single process writes, so `load_hf`,
+`predict.py` and the official code read it, and a run resumes from it under any layout (each
+process reads every tensor and keeps its slice). A checkpoint is written into a hidden temp
+directory next to its final name, flushed, and renamed into place, so a crash never leaves a
+`step_*` directory half-written. `state.json` lists every file with its size;
+`validate_checkpoint` checks those and every safetensors header, so a truncated or tampered
+directory is refused with an error that names it, and `latest_checkpoint` falls back to the
+newest complete one. Weights stay float32: resuming continues bit-exactly.
 """
 from __future__ import annotations
 
@@ -25,10 +29,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import mindspore as ms
 import numpy as np
 
-from tc2.checkpoint.hf import load_hf, save_hf
+from tc2.checkpoint.hf import hf_name, load_hf, write_hf_dir
+from tc2.checkpoint.safetensors import SafetensorsFile, SafetensorsWriter, read_header
 from tc2.config import ModelConfig
+from tc2.context import LOCAL, ParallelContext
+from tc2.files import atomic_file, fsync_path, write_json_atomic
+from tc2.model import param_specs
 from tc2.optim import GradientTransformation
-from tc2.checkpoint.safetensors import open_safetensors, read_header, write_safetensors
+from tc2.parallel.sharding import leaf_slice, local_slices
 from tc2.step import TrainState
 from tc2.tree import tree_flatten_with_names, tree_unflatten_from_names
 
@@ -36,6 +44,7 @@ FORMAT = "tc2.train_state"
 VERSION = 1
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+LEGACY_PREFIX = "1."        # tc2 <= 0.1 saved chain(clip_by_global_norm, adamw): AdamW's state was leaf 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_DIR = re.compile(r"^\.(?:tmp|old)-step_\d+-(\d+)$")
 
@@ -51,16 +60,110 @@ def checkpoint_path(directory: str, step: int) -> str:
 # --------------------------------------------------------------------------- save
 
 
-def save_checkpoint(directory: str, state: TrainState, cfg: ModelConfig, *,
+def save_checkpoint(directory: str, state: TrainState, cfg: ModelConfig, *, ctx: ParallelContext = LOCAL,
                     meta: Optional[Dict[str, Any]] = None, keep: Optional[int] = None,
                     max_shard_size=None) -> str:
-    """Write `state` as `directory/step_{step:08d}` (atomically) -> its path.
+    """Write `state` as `directory/step_{step:08d}` (atomically) -> its path. Under msrun every
+    process calls this with its local state (see the module docstring).
 
     `meta`: JSON-serialisable extras stored in state.json (data-iterator cursor, train
     config, last metrics, ...). `keep`: afterwards delete all but the newest `keep` complete
     checkpoints in `directory`. An existing checkpoint of the same step is replaced.
     """
     step = int(state.step.asnumpy()) if isinstance(state.step, ms.Tensor) else int(state.step)
+    tensors = _Tensors(tree_flatten_with_names(state.params), tree_flatten_with_names(state.opt_state), cfg)
+    if ctx.size == 1:
+        return _commit(directory, step, cfg, tensors, state.loss_scale, meta, keep, max_shard_size)
+    shards = os.path.join(directory, f".shards-step_{step:08d}")
+    if ctx.writes_shard:
+        mine = os.path.join(shards, f"rank_{ctx.tp_rank}")
+        os.makedirs(mine, exist_ok=True)
+        _write_flat(os.path.join(mine, "params.safetensors"), tensors.params)
+        _write_flat(os.path.join(mine, OPTIMIZER_FILE), tensors.opt)
+    ctx.barrier()
+    if ctx.is_main:
+        with _MergedShards(shards, ctx.tp, cfg) as tensors:
+            _commit(directory, step, cfg, tensors, state.loss_scale, meta, keep, max_shard_size)
+        shutil.rmtree(shards, ignore_errors=True)
+    ctx.barrier()
+    return checkpoint_path(directory, step)
+
+
+class _Tensors:
+    """The tensors of one checkpoint, copied to the host one at a time as they are written:
+    model weights by tc2 name, optimizer leaves by tree name."""
+
+    def __init__(self, params: Dict[str, ms.Tensor], opt: Dict[str, ms.Tensor], cfg: ModelConfig):
+        self.params, self.opt, self.cfg = params, opt, cfg
+
+    def hf_arrays(self):
+        for n in tree_flatten_with_names(param_specs(self.cfg)):
+            yield hf_name(n), _numpy(self.params[n])
+
+    def opt_entries(self):
+        return _entries(self.opt)
+
+    def opt_array(self, name: str) -> np.ndarray:
+        return _numpy(self.opt[name])
+
+
+def _entries(flat: Dict[str, ms.Tensor]):
+    return [(n, tuple(t.shape), "int32" if t.dtype == ms.int32 else "float32") for n, t in flat.items()]
+
+
+def _write_flat(path: str, flat: Dict[str, ms.Tensor], metadata=None) -> None:
+    """A flat dict of float32/int32 Tensors as one safetensors file, a tensor at a time, atomically."""
+    entries = _entries(flat)
+    with atomic_file(path) as part, SafetensorsWriter(part, entries, metadata=metadata) as w:
+        for name, _, _ in entries:
+            w.write(name, _numpy(flat[name]))
+
+
+class _MergedShards(_Tensors):
+    """Full tensors read from the tp shards' files, one tensor at a time, concatenated along the
+    dimension where a shard's shape differs from the full one (heads, ffn, vocab)."""
+
+    def __init__(self, shards: str, tp: int, cfg: ModelConfig):
+        self.cfg, self.files = cfg, []
+        for r in range(tp):
+            for f in ("params.safetensors", OPTIMIZER_FILE):
+                self.files.append(SafetensorsFile(os.path.join(shards, f"rank_{r}", f)))
+        self.param_files, self.opt_files = self.files[0::2], self.files[1::2]
+        full = {n: s.shape for n, s in tree_flatten_with_names(param_specs(cfg)).items()}
+        self.full = full
+        self.opt_shapes = {n: self._full_shape(n, self.opt_files[0].shape_dtype(n)[0])
+                           for n in self.opt_files[0].header}
+
+    def _full_shape(self, name: str, local: Tuple[int, ...]) -> Tuple[int, ...]:
+        param = name if name in self.full else next((p for p in self.full if name.endswith("." + p)), None)
+        return local if param is None else tuple(self.full[param])
+
+    def _merge(self, files, name: str, full: Tuple[int, ...]) -> np.ndarray:
+        parts = [f.get(name) for f in files]
+        diff = [d for d, (a, b) in enumerate(zip(parts[0].shape, full)) if a != b]
+        return parts[0] if not diff else np.concatenate(parts, axis=diff[0])
+
+    def hf_arrays(self):
+        for n, shape in self.full.items():
+            yield hf_name(n), self._merge(self.param_files, n, shape)
+
+    def opt_entries(self):
+        return [(n, shape, self.opt_files[0].shape_dtype(n)[1]) for n, shape in self.opt_shapes.items()]
+
+    def opt_array(self, name: str) -> np.ndarray:
+        return self._merge(self.opt_files, name, self.opt_shapes[name])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for f in self.files:
+            f.close()
+
+
+def _commit(directory: str, step: int, cfg: ModelConfig, tensors: _Tensors, loss_scale, meta, keep,
+            max_shard_size) -> str:
+    """Write the step directory from full tensors into a temp dir, then rename it into place."""
     os.makedirs(directory, exist_ok=True)
     _remove_stale_temps(directory)
     final = checkpoint_path(directory, step)
@@ -68,30 +171,33 @@ def save_checkpoint(directory: str, state: TrainState, cfg: ModelConfig, *,
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     try:
-        save_hf(state.params, cfg, tmp, dtype="float32", max_shard_size=max_shard_size)
-        opt = {n: _numpy(t) for n, t in tree_flatten_with_names(state.opt_state).items()}
-        write_safetensors(os.path.join(tmp, OPTIMIZER_FILE), opt, metadata={"format": FORMAT})
+        write_hf_dir(tensors.hf_arrays(), cfg, tmp, dtype="float32", max_shard_size=max_shard_size)
+        entries = tensors.opt_entries()
+        with atomic_file(os.path.join(tmp, OPTIMIZER_FILE)) as part:
+            with SafetensorsWriter(part, entries, metadata={"format": FORMAT}) as w:
+                for name, _, _ in entries:
+                    w.write(name, tensors.opt_array(name))               # one tensor at a time
         files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
         record = {
             "format": FORMAT, "version": VERSION, "step": step,
-            "loss_scale": None if state.loss_scale is None else {
-                "scale": float(state.loss_scale["scale"].asnumpy()),
-                "good_steps": int(state.loss_scale["good_steps"].asnumpy())},
+            "loss_scale": None if loss_scale is None else {
+                "scale": float(loss_scale["scale"].asnumpy()),
+                "good_steps": int(loss_scale["good_steps"].asnumpy())},
             "model_config": dataclasses.asdict(cfg),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": files,
             **(meta or {}),
         }
-        _write_json(os.path.join(tmp, STATE_FILE), record)
+        write_json_atomic(os.path.join(tmp, STATE_FILE), record)
         for f in os.listdir(tmp):
-            _fsync(os.path.join(tmp, f))
-        _fsync(tmp)
+            fsync_path(os.path.join(tmp, f))
+        fsync_path(tmp)
         trash = None
         if os.path.exists(final):
             trash = os.path.join(directory, f".old-step_{step:08d}-{os.getpid()}")
             os.replace(final, trash)
         os.replace(tmp, final)
-        _fsync(directory)
+        fsync_path(directory)
         if trash:
             shutil.rmtree(trash, ignore_errors=True)
     except BaseException:
@@ -105,29 +211,8 @@ def save_checkpoint(directory: str, state: TrainState, cfg: ModelConfig, *,
 def _numpy(t) -> np.ndarray:
     a = t.asnumpy() if isinstance(t, ms.Tensor) else np.asarray(t)
     if a.dtype not in (np.float32, np.int32):
-        raise TypeError(f"optimizer state leaves must be float32 or int32, got {a.dtype}")
+        raise TypeError(f"train-state leaves must be float32 or int32, got {a.dtype}")
     return np.array(a, order="C", copy=True)           # (ascontiguousarray makes 0-d 1-d)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _fsync(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass                                      # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
 
 
 def _remove_stale_temps(directory: str) -> None:
@@ -236,10 +321,12 @@ def prune_checkpoints(directory: str, keep: int) -> List[str]:
 
 
 def load_checkpoint(path: str, optimizer: GradientTransformation, *,
-                    expect_config: Optional[ModelConfig] = None) -> Tuple[TrainState, ModelConfig, dict]:
-    """-> (TrainState, ModelConfig, state.json record). The optimizer gives the state's
-    structure (its `init` runs once on the loaded params); names, shapes and dtypes must match.
-    `expect_config`: refuse a checkpoint of a different architecture (dtype may differ)."""
+                    expect_config: Optional[ModelConfig] = None,
+                    ctx: ParallelContext = LOCAL) -> Tuple[TrainState, ModelConfig, dict]:
+    """-> (TrainState of this process's shards, ModelConfig, state.json record). The optimizer
+    gives the state's structure (its `init` runs once on the loaded params); names, shapes and
+    dtypes must match. `expect_config`: refuse a checkpoint of a different architecture (dtype
+    may differ). A checkpoint written at any scale loads at any scale."""
     record = validate_checkpoint(path)
     saved = record["model_config"]
     try:
@@ -254,26 +341,32 @@ def load_checkpoint(path: str, optimizer: GradientTransformation, *,
                                   f"(saved, expected): {diff}")
         cfg = cfg.replace(dtype=expect_config.dtype)
     try:
-        params, _ = load_hf(path)
+        params, _ = load_hf(path, ctx=ctx)
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise CheckpointError(f"{path}: weights do not load ({e})") from None
-    like = optimizer.init(params)
-    like_flat = tree_flatten_with_names(like)
+    slices = local_slices(cfg, ctx) if ctx.tp > 1 else {}
+    like_flat = tree_flatten_with_names(optimizer.init(params))
     file = os.path.join(path, OPTIMIZER_FILE)
     flat = {}
-    with open_safetensors(file) as (header, get):
-        missing = sorted(set(like_flat) - set(header))
-        extra = sorted(set(header) - set(like_flat))
+    with SafetensorsFile(file) as f:
+        stored = {n: n for n in like_flat}
+        if set(f.header) == {LEGACY_PREFIX + n for n in like_flat}:       # chain(clip, adamw) state
+            stored = {n: LEGACY_PREFIX + n for n in like_flat}
+        missing = sorted(set(stored.values()) - set(f.header))
+        extra = sorted(set(f.header) - set(stored.values()))
         if missing or extra:
             raise CheckpointError(f"{file}: optimizer state does not match this optimizer "
                                   f"(missing {missing[:3]}, unexpected {extra[:3]})")
         for name, ref in like_flat.items():
-            a = get(name)
+            a = f.get(stored[name])
+            shard = leaf_slice(name, slices)
+            if shard is not None:
+                a = a[shard.index]
             if tuple(a.shape) != tuple(ref.shape) or np.dtype(a.dtype) != _np_dtype(ref):
                 raise CheckpointError(f"{file}: {name} is {a.dtype}{list(a.shape)}, expected "
                                       f"{_np_dtype(ref)}{list(ref.shape)}")
             flat[name] = ms.Tensor(np.array(a, order="C", copy=True))
-    opt_state = tree_unflatten_from_names(like, flat)
+    opt_state = tree_unflatten_from_names(optimizer.init(params), flat)
     ls = record.get("loss_scale")
     loss_scale = None if ls is None else {"scale": ms.Tensor(float(ls["scale"]), ms.float32),
                                           "good_steps": ms.Tensor(int(ls["good_steps"]), ms.int32)}

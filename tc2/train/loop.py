@@ -1,83 +1,46 @@
-"""The training loop: `fit(params, cfg, batches, ...)` with logging, eval, checkpoints, resume.
+"""The training loop: one `fit` for one process and for every process of an msrun job.
 
 A library function, not a Trainer object: the recipe (recipes/finetune.py) only parses its
 arguments and calls `fit`; a researcher can call it the same way from Python:
 
     result = fit(params, cfg, batches, optim=OptimConfig(lr=1e-4),
                  train=TrainConfig(out_dir="runs/x", steps=200, eval_every=50),
-                 eval_batches=held_out)
+                 eval_batches=held_out)                      # + parallel=ParallelConfig(dp=2, tp=2)
 
-Every `log_every` steps it prints a progress line (step, loss, lr, grad norm, tokens/s,
-elapsed, ETA) and appends the same record to `out_dir/metrics.jsonl`; eval records (loss
-and perplexity over the whole eval set, token-weighted) go to the same file. Checkpoints are
-`out_dir/step_*` directories (tc2.train_checkpoint); `resume=True` continues from the newest
-complete one, restoring the data iterator's cursor, so N straight steps and n + resume +
-(N - n) steps give the same parameters bit for bit.
+Under msrun every process runs `fit` with the same arguments and the same (seeded) batch
+iterator: each sees the same global batches and `train_step` takes its share (`tc2.context`).
+Every `log_every` steps rank 0 prints a progress line (step, loss, lr, grad norm, tokens/s,
+elapsed, ETA) and appends the same record to `out_dir/metrics.jsonl`; eval records (loss and
+perplexity over the whole eval set, token-weighted) go to the same file. Checkpoints are
+`out_dir/step_*` HF directories plus optimizer state (`tc2.train.checkpoints`), written in one
+format at every scale; `resume=True` continues from the newest complete one, restoring the
+data iterator's cursor, so N straight steps and n + resume + (N - n) steps give the same
+parameters bit for bit, in one process or many.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 
 from tc2.config import ModelConfig
-from tc2.optim import (GradientTransformation, adamw, chain, clip_by_global_norm, constant_schedule,
-                    cosine_schedule, decay_matrices, exclude_names)
+from tc2.context import LOCAL, ParallelContext
+from tc2.optim import GradientTransformation, OptimConfig, make_optimizer
+from tc2.parallel.collectives import context_for, local_params
+from tc2.parallel.mesh import ParallelConfig
 from tc2.step import (LossScaleConfig, TrainState, default_loss_scale, eval_loss_sums, init_loss_scale,
-                    init_train_state, split_micro_batches, train_step)
-from tc2.train.checkpoints import latest_checkpoint, load_checkpoint, list_checkpoints, save_checkpoint
-
-METRICS_FILE = "metrics.jsonl"
+                      init_train_state, split_micro_batches, train_step)
+from tc2.train.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from tc2.train.log import MetricsLog, Window, eval_line, progress_line
 
 
 class NonFiniteLossError(FloatingPointError):
     """A step produced a non-finite loss or gradient without loss scaling: the run stops."""
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW + global-norm clipping + lr schedule. Defaults: the release's recipe (spec §9)."""
-    lr: float = 1.5e-4
-    end_lr: float = 1.5e-5
-    schedule: str = "cosine"                  # "cosine" | "constant"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0                 # warmup as a fraction of the steps (MF style)
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: Optional[float] = 1.0          # None or 0: no clipping
-    no_decay: Optional[Tuple[str, ...]] = None  # None: norms and biases; names to exclude; (): none
-
-    def __post_init__(self):
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-
-
-@functools.lru_cache(maxsize=32)
-def make_optimizer(ocfg: OptimConfig, total_steps: int) -> GradientTransformation:
-    """The optimizer an OptimConfig describes, schedule spanning `total_steps`. Cached, so equal
-    configs give the same object and the compiled train step is reused (e.g. on resume)."""
-    warmup = ocfg.warmup_steps or int(round(ocfg.warmup_ratio * total_steps))
-    if ocfg.schedule == "constant":
-        schedule = constant_schedule(ocfg.lr)
-    else:
-        schedule = cosine_schedule(ocfg.lr, max(total_steps, warmup + 1), ocfg.end_lr, warmup)
-    if ocfg.no_decay is None:
-        mask = decay_matrices
-    elif len(ocfg.no_decay) == 0:
-        mask = None
-    else:
-        mask = exclude_names(*ocfg.no_decay)
-    opt = adamw(schedule, ocfg.b1, ocfg.b2, ocfg.eps, ocfg.weight_decay, mask=mask)
-    return chain(clip_by_global_norm(ocfg.clip_norm), opt) if ocfg.clip_norm else opt
 
 
 @dataclass(frozen=True)
@@ -107,43 +70,9 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
-@dataclass(frozen=True)
-class ParallelConfig:
-    """A training layout (the release's, spec §9). `fit` runs one process and needs size 1; the
-    SPMD trainer (tc2.parallel_train under msrun) and the memory planner read the rest."""
-    dp: int = 1                               # data parallel
-    tp: int = 1                               # tensor (model) parallel
-    pp: int = 1                               # pipeline stages
-    cp: int = 1                               # context (sequence-sharded ring attention)
-    micro_batches: int = 1                    # pipeline micro batches (MF micro_batch_num)
-    sequence_parallel: bool = True            # shard norm/residual activations over tp
-    recompute: str = "none"                   # "none" | "selective" | "full"
-    zero: int = 0                             # optimizer-state sharding stage over dp (MF parallel optimizer: 1)
-
-    def __post_init__(self):
-        for name in ("dp", "tp", "pp", "cp", "micro_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        if self.recompute not in ("none", "selective", "full"):
-            raise ValueError(f"parallel.recompute must be none/selective/full, got {self.recompute!r}")
-        if self.zero not in (0, 1, 2, 3):
-            raise ValueError(f"parallel.zero must be 0-3, got {self.zero}")
-
-    @property
-    def size(self) -> int:
-        return self.dp * self.tp * self.pp * self.cp
-
-    def describe(self) -> str:
-        return f"dp={self.dp} tp={self.tp} pp={self.pp} cp={self.cp}"
-
-    def mesh(self):
-        from tc2.parallel.sharding import Mesh
-        return Mesh(dp=self.dp, cp=self.cp, tp=self.tp, pp=self.pp)
-
-
 @dataclass
 class FitResult:
-    state: TrainState
+    state: TrainState                         # this process's (local) state
     cfg: ModelConfig
     history: List[dict]                       # every metrics record written by this call
     checkpoint: Optional[str]                 # the last checkpoint written or resumed from
@@ -165,11 +94,12 @@ def resolve_loss_scale(train: TrainConfig, cfg: ModelConfig) -> Optional[LossSca
     return LossScaleConfig(init_scale=float(ls), growth_interval=train.loss_scale_growth_interval)
 
 
-def evaluate(params, cfg: ModelConfig, batches: Iterable[dict]) -> Dict[str, float]:
+def evaluate(params, cfg: ModelConfig, batches: Iterable[dict], *,
+             ctx: ParallelContext = LOCAL) -> Dict[str, float]:
     """Token-weighted loss over every batch -> {"eval_loss", "eval_ppl", "eval_tokens"}."""
     total, count = 0.0, 0.0
     for batch in batches:
-        s, c = eval_loss_sums(params, batch, cfg)
+        s, c = eval_loss_sums(params, batch, cfg, ctx=ctx)
         total, count = total + s, count + c
     if count == 0:
         raise ValueError("evaluation data has no loss tokens (all labels are -100)")
@@ -177,193 +107,167 @@ def evaluate(params, cfg: ModelConfig, batches: Iterable[dict]) -> Dict[str, flo
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": int(count)}
 
 
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-class _MetricsLog:
-    """metrics.jsonl: one JSON record per line, flushed as written; on resume, records past
-    the resumed step are dropped first (they belong to the abandoned continuation)."""
-
-    def __init__(self, out_dir: str, resume_step: Optional[int]):
-        self.path = os.path.join(out_dir, METRICS_FILE)
-        kept = []
-        if resume_step is not None and os.path.isfile(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue                  # a torn last line from a crash
-                    if rec.get("step", 0) <= resume_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
-        self.records: List[dict] = []
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        self.records.append(record)
-
-
 def fit(params, cfg: ModelConfig, batches: Iterable[dict], *,
         optim: Union[OptimConfig, GradientTransformation] = OptimConfig(),
-        train: TrainConfig = TrainConfig(), eval_batches: Optional[Iterable[dict]] = None,
-        meta: Optional[dict] = None, log: Callable[[str], None] = print) -> FitResult:
-    """Train `params` (float32 pytree) for `train.steps` optimizer steps over `batches`.
+        train: TrainConfig = TrainConfig(), parallel: ParallelConfig = ParallelConfig(),
+        eval_batches: Optional[Iterable[dict]] = None, meta: Optional[dict] = None,
+        log: Callable[[str], None] = print) -> FitResult:
+    """Train `params` (float32 pytree: the full model, or this process's shards) for
+    `train.steps` optimizer steps over `batches`, on the layout `parallel` (under msrun when
+    its size > 1).
 
-    `batches`: an iterator of dicts {"tokens", "labels"[, "positions", "segment_ids"]}, each
-    [B, T] (split into `train.micro_batches`) or [k, B, T]. If it has `state_dict()` /
+    `batches`: an iterator of global batches {"tokens", "labels"[, "positions", "segment_ids"]},
+    each [B, T] (split into `train.micro_batches`) or [k, B, T]. If it has `state_dict()` /
     `load_state_dict()` its cursor is checkpointed; otherwise resume skips the batches already
     used. `eval_batches`: a re-iterable of batches (e.g. a list). `meta`: JSON-able extras
-    stored in every checkpoint's state.json (e.g. the recipe's full config).
+    stored in every checkpoint's state.json (e.g. the recipe's full config). `optim`: an
+    OptimConfig (AdamW, schedule, clipping), or any GradientTransformation (no clipping added).
     """
-    if isinstance(optim, OptimConfig):
-        optimizer, optim_record = make_optimizer(optim, train.steps), dataclasses.asdict(optim)
-    else:
-        optimizer, optim_record = optim, None
-    loss_scale = resolve_loss_scale(train, cfg)
-    os.makedirs(train.out_dir, exist_ok=True)
-    it = iter(batches)
-    state, ckpt, tokens_seen = None, None, 0
-    if train.resume:
-        ckpt, refused = latest_checkpoint(train.out_dir)
-        for why in refused:
-            log(f"resume: skipping {why}")
-        if ckpt is None:
-            log(f"resume: no complete checkpoint in {train.out_dir}; starting from step 0")
-        else:
-            state, _, record = load_checkpoint(ckpt, optimizer, expect_config=cfg)
-            state = _match_loss_scale(state, loss_scale, log)
-            tokens_seen = int(record.get("tokens_seen", 0))
-            _restore_data(batches, it, record, int(state.step.asnumpy()), log)
-            log(f"resume: continuing from {ckpt} (step {int(state.step.asnumpy())})")
-    elif list_checkpoints(train.out_dir):
-        raise FileExistsError(f"{train.out_dir} already holds checkpoints "
-                              f"({os.path.basename(list_checkpoints(train.out_dir)[-1][1])}, ...): "
-                              "pass resume=True (--train.resume true) to continue that run, or "
-                              "choose another out_dir")
-    if state is None:
-        state = init_train_state(params, optimizer, loss_scale)
-    start = int(state.step.asnumpy())
-    metrics_log = _MetricsLog(train.out_dir, start if ckpt else None)
-    base_meta = {**(meta or {}), "optim": optim_record, "train": dataclasses.asdict(train)}
-
-    has_cursor = hasattr(batches, "state_dict")
-
-    def save(state, last_metrics, cursor=None):
-        extra = {**base_meta, "tokens_seen": tokens_seen, "metrics": last_metrics}
-        if has_cursor:
-            extra["data"] = cursor if cursor is not None else batches.state_dict()
-        path = save_checkpoint(train.out_dir, state, cfg, meta=extra, keep=train.keep,
-                               max_shard_size=train.max_shard_size)
-        log(f"checkpoint: {path}")
-        return path
-
-    def run_eval(step):
-        rec = {"kind": "eval", "step": step, **evaluate(state.params, cfg, eval_batches)}
-        metrics_log.write(rec)
-        log(f"eval  step {step:>6} | eval loss {rec['eval_loss']:.4f} | "
-            f"perplexity {rec['eval_ppl']:.3f} | {rec['eval_tokens']} tokens")
-
-    window = _new_window()
-    t_start, t_first = time.perf_counter(), None       # t_first: wall clock after the first step
-    last, saved_step = {}, start if ckpt else None
-    step = start
-    end = train.steps if train.stop_after is None else min(train.steps, train.stop_after)
-    while step < end:
-        cursor = batches.state_dict() if has_cursor else None      # before this step's batch
-        try:
-            batch = next(it)
-        except StopIteration:
-            log(f"data exhausted after step {step} (of {train.steps} planned)")
+    run = _Run(cfg, batches, eval_batches, optim, train, context_for(parallel), meta, log)
+    run.start(params)
+    while run.step < run.end:
+        batch = run.next_batch()
+        if batch is None:
             break
-        if train.micro_batches > 1 and np.ndim(batch["tokens"]) == 2:
-            batch = split_micro_batches(batch, train.micro_batches)
+        run.train_on(batch)
+    return run.finish()
+
+
+def _quiet(_msg: str) -> None:
+    return None
+
+
+class _Run:
+    """One call of `fit`: the state, the data, the metrics log and the checkpoints it writes."""
+
+    def __init__(self, cfg, batches, eval_batches, optim, train: TrainConfig, ctx: ParallelContext, meta, log):
+        self.cfg, self.batches, self.eval_batches, self.train, self.ctx = cfg, batches, eval_batches, train, ctx
+        self.say = log if ctx.is_main else _quiet
+        if isinstance(optim, OptimConfig):
+            self.optimizer, self.clip = make_optimizer(optim, train.steps), optim.clip
+            optim_record = dataclasses.asdict(optim)
+        else:
+            self.optimizer, self.clip, optim_record = optim, None, None
+        self.loss_scale = resolve_loss_scale(train, cfg)
+        self.meta = {**(meta or {}), "optim": optim_record, "train": dataclasses.asdict(train)}
+        self.it, self.has_cursor = iter(batches), hasattr(batches, "state_dict")
+        self.end = train.steps if train.stop_after is None else min(train.steps, train.stop_after)
+        self.window, self.last, self.tokens_seen = Window(), {}, 0
+        self.ckpt, self.saved_step, self.cursor = None, None, None
+
+    def start(self, params) -> None:
+        """Resume from the newest complete checkpoint, or begin at step 0 (refusing an out_dir
+        that already holds checkpoints)."""
+        train, say, state = self.train, self.say, None
+        os.makedirs(train.out_dir, exist_ok=True)
+        if train.resume:
+            self.ckpt, refused = latest_checkpoint(train.out_dir)
+            for why in refused:
+                say(f"resume: skipping {why}")
+            if self.ckpt is None:
+                say(f"resume: no complete checkpoint in {train.out_dir}; starting from step 0")
+            else:
+                state, _, record = load_checkpoint(self.ckpt, self.optimizer, expect_config=self.cfg, ctx=self.ctx)
+                state = _match_loss_scale(state, self.loss_scale, say)
+                self.tokens_seen = int(record.get("tokens_seen", 0))
+                _restore_data(self.batches, self.it, record, int(state.step.asnumpy()), say)
+                say(f"resume: continuing from {self.ckpt} (step {int(state.step.asnumpy())})")
+        elif list_checkpoints(train.out_dir):
+            raise FileExistsError(f"{train.out_dir} already holds checkpoints "
+                                  f"({os.path.basename(list_checkpoints(train.out_dir)[-1][1])}, ...): "
+                                  "pass resume=True (--train.resume true) to continue that run, or "
+                                  "choose another out_dir")
+        if state is None:
+            state = init_train_state(local_params(params, self.cfg, self.ctx), self.optimizer, self.loss_scale)
+        self.state, self.start_step = state, int(state.step.asnumpy())
+        self.step = self.start_step
+        self.saved_step = self.start_step if self.ckpt else None
+        self.metrics = MetricsLog(train.out_dir, self.start_step if self.ckpt else None, write=self.ctx.is_main)
+        if self.ctx.size > 1:
+            say(f"parallel: dp={self.ctx.dp} cp={self.ctx.cp} tp={self.ctx.tp} on {self.ctx.size} processes "
+                f"({self.ctx.layout} sequence layout); rank 0 logs")
+        self.t_start, self.t_first = time.perf_counter(), None
+
+    def next_batch(self) -> Optional[dict]:
+        self.cursor = self.batches.state_dict() if self.has_cursor else None    # before this batch
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            self.say(f"data exhausted after step {self.step} (of {self.train.steps} planned)")
+            return None
+        if self.train.micro_batches > 1 and np.ndim(batch["tokens"]) == 2:
+            batch = split_micro_batches(batch, self.train.micro_batches)
+        return batch
+
+    def train_on(self, batch: dict) -> None:
         t0 = time.perf_counter()
         try:
-            state, m = train_step(state, batch, cfg, optimizer, loss_scale)
-        except KeyboardInterrupt:                        # `state` is still the last complete step
-            log(f"interrupted during step {step + 1}: saving step {step} (resume=True continues)")
-            if saved_step != step:
-                save(state, last, cursor)
+            self.state, m = train_step(self.state, batch, self.cfg, self.optimizer, self.loss_scale,
+                                       clip_norm=self.clip, ctx=self.ctx)
+        except KeyboardInterrupt:                    # `state` is still the last complete step
+            if self.ctx.size == 1:
+                self.say(f"interrupted during step {self.step + 1}: saving step {self.step} (resume=True continues)")
+                if self.saved_step != self.step:
+                    self.save(self.cursor)
             raise
         dt = time.perf_counter() - t0
-        step += 1
-        if m["skipped"] and loss_scale is None:
-            raise NonFiniteLossError(
-                f"step {step}: loss {m['loss']} / grad norm {m['grad_norm']} is not finite; the run "
-                f"stopped without applying it. Last good checkpoint: {saved_path(train.out_dir, ckpt)}")
-        tokens_seen += m["tokens"]
-        first = step == start + 1
-        if first:                                        # the first step includes compilation
-            t_first = time.perf_counter()
-        if not m["skipped"]:
-            window["loss_sum"] += m["loss"] * m["loss_tokens"]
-            window["loss_tokens"] += m["loss_tokens"]
-        window["tokens"] += m["tokens"]
-        window["time"] += dt
-        window["steps"] += 1
-        window["skipped"] += int(m["skipped"])
-        last = m
-        if first or step % train.log_every == 0 or step == end:
-            rec = _train_record(step, m, window, tokens_seen, time.perf_counter() - t_start)
-            metrics_log.write(rec)
-            done = step - start - 1                      # wall time per step since the first,
-            per_step = (time.perf_counter() - t_first) / done if done else float("nan")  # evals, saves in
-            log(_progress_line(rec, train.steps, per_step * (end - step), first, dt))
-            window = _new_window()
-        if eval_batches is not None and train.eval_every and step % train.eval_every == 0:
-            run_eval(step)
-        if train.save_every and step % train.save_every == 0:
-            ckpt, saved_step = save(state, last), step
-    if eval_batches is not None and (not train.eval_every or step % train.eval_every != 0) and step > start:
-        run_eval(step)
-    if saved_step != step:
-        ckpt = save(state, last)
-    if train.plot:
-        from tc2.train.plot import plot_loss_curve
-        png, why = plot_loss_curve(metrics_log.path)
-        log(f"loss curve: {png}" if png else f"loss curve: not written ({why})")
-    return FitResult(state=state, cfg=cfg, history=metrics_log.records, checkpoint=ckpt)
+        self.step += 1
+        if m["skipped"] and self.loss_scale is None:
+            last = self.ckpt if self.ckpt else f"none (nothing saved in {self.train.out_dir} yet)"
+            raise NonFiniteLossError(f"step {self.step}: loss {m['loss']} / grad norm {m['grad_norm']} is "
+                                     f"not finite; the run stopped without applying it. Last good "
+                                     f"checkpoint: {last}")
+        self.tokens_seen += m["tokens"]
+        first = self.step == self.start_step + 1
+        if first:                                    # the first step includes compilation
+            self.t_first = time.perf_counter()
+        self.window.add(m, dt)
+        self.last = m
+        train = self.train
+        if first or self.step % train.log_every == 0 or self.step == self.end:
+            self.log_progress(m, dt if first else None)
+        if self.eval_batches_due():
+            self.run_eval()
+        if train.save_every and self.step % train.save_every == 0:
+            self.save()
 
+    def log_progress(self, m: dict, first_step_s: Optional[float]) -> None:
+        rec = self.window.record(self.step, m, self.tokens_seen, time.perf_counter() - self.t_start)
+        self.metrics.write(rec)
+        done = self.step - self.start_step - 1       # wall time per step since the first, evals
+        per_step = (time.perf_counter() - self.t_first) / done if done else float("nan")   # and saves in
+        self.say(progress_line(rec, self.train.steps, per_step * (self.end - self.step), first_step_s))
+        self.window = Window()
 
-def saved_path(out_dir: str, ckpt: Optional[str]) -> str:
-    return ckpt if ckpt else f"none (nothing saved in {out_dir} yet)"
+    def eval_batches_due(self) -> bool:
+        return bool(self.eval_batches is not None and self.train.eval_every
+                    and self.step % self.train.eval_every == 0)
 
+    def run_eval(self) -> None:
+        rec = {"kind": "eval", "step": self.step, **evaluate(self.state.params, self.cfg, self.eval_batches,
+                                                            ctx=self.ctx)}
+        self.metrics.write(rec)
+        self.say(eval_line(rec))
 
-def _new_window() -> dict:
-    return {"loss_sum": 0.0, "loss_tokens": 0, "tokens": 0, "time": 0.0, "steps": 0, "skipped": 0}
+    def save(self, cursor=None) -> None:
+        extra = {**self.meta, "tokens_seen": self.tokens_seen, "metrics": self.last}
+        if self.has_cursor:
+            extra["data"] = cursor if cursor is not None else self.batches.state_dict()
+        self.ckpt = save_checkpoint(self.train.out_dir, self.state, self.cfg, ctx=self.ctx, meta=extra,
+                                    keep=self.train.keep, max_shard_size=self.train.max_shard_size)
+        self.saved_step = self.step
+        self.say(f"checkpoint: {self.ckpt}")
 
-
-def _train_record(step, m, window, tokens_seen, elapsed) -> dict:
-    loss = window["loss_sum"] / window["loss_tokens"] if window["loss_tokens"] else float("nan")
-    rec = {"kind": "train", "step": step, "loss": loss, "lr": m["lr"], "grad_norm": m["grad_norm"],
-           "tokens_per_s": window["tokens"] / window["time"] if window["time"] else 0.0,
-           "tokens": tokens_seen, "loss_tokens": window["loss_tokens"], "steps": window["steps"],
-           "skipped": window["skipped"], "elapsed_s": elapsed}
-    if "loss_scale" in m:
-        rec["loss_scale"] = m["loss_scale"]
-    return rec
-
-
-def _progress_line(rec, total, eta, first, dt) -> str:
-    width = len(str(total))
-    parts = [f"step {rec['step']:>{width}}/{total}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}",
-             f"gnorm {rec['grad_norm']:.3f}", f"{rec['tokens_per_s']:,.0f} tok/s",
-             f"elapsed {_fmt_time(rec['elapsed_s'])}", f"ETA {_fmt_time(eta)}"]
-    if "loss_scale" in rec:
-        parts.append(f"scale {rec['loss_scale']:g}")
-    if rec["skipped"]:
-        parts.append(f"skipped {rec['skipped']}")
-    line = " | ".join(parts)
-    return line + (f" (first step of this run: {dt:.1f}s, including any compilation)" if first else "")
+    def finish(self) -> FitResult:
+        if self.eval_batches is not None and self.step > self.start_step and not self.eval_batches_due():
+            self.run_eval()
+        if self.saved_step != self.step:
+            self.save()
+        if self.train.plot and self.ctx.is_main:
+            from tc2.train.plot import plot_loss_curve
+            png, why = plot_loss_curve(self.metrics.path)
+            self.say(f"loss curve: {png}" if png else f"loss curve: not written ({why})")
+        return FitResult(state=self.state, cfg=self.cfg, history=self.metrics.records, checkpoint=self.ckpt)
 
 
 def _match_loss_scale(state: TrainState, loss_scale, log) -> TrainState:

@@ -1,11 +1,13 @@
 """msrun worker for tests/dist/test_spmd.py: `msrun ... spmd_worker.py OUT_DIR CASES`.
 
 Every rank computes the single-process reference itself (tiny model, same seed), runs the
-requested SPMD cases on its shard and saves raw results to OUT_DIR/rank{r}.npz; the pytest
-side does all comparisons. Cases (each builds its own mesh over all workers):
-  dp    Mesh(dp=N): two train steps on global batches == tc2.train.train_step
-  tp    Mesh(tp=N): gathered logits, loss and gradients; one train step; per-rank checkpoint,
-        merged by rank 0 into an HF directory and loaded back
+requested cases on its shard with the SAME functions under its parallel context, and saves raw
+results to OUT_DIR/rank{r}.npz; the pytest side does all comparisons. Cases (each builds its
+own mesh over all workers):
+  dp    Mesh(dp=N): two train steps on global batches == the one-process train_step
+  dp16  Mesh(dp=N), float16 compute with dynamic loss scaling: three steps (the first overflows)
+  tp    Mesh(tp=N): gathered logits, loss and gradients; one train step; a train-state
+        checkpoint written per rank, merged by rank 0 and loaded back as HF weights
   cp    Mesh(cp=N): ring attention through the all-reduce rotation: logits, loss, gradients
   tpcp  Mesh(tp=2, cp=N/2): one train step
 """
@@ -17,13 +19,14 @@ import numpy as np
 
 from tc2.checkpoint.hf import load_hf
 from tc2.config import tiny
-from tc2.model import cross_entropy_sum, forward, init_params
-from tc2.optim import adamw, chain, clip_by_global_norm
-from tc2.parallel.collectives import gather_logits, shard_batch, spmd_context, spmd_forward, spmd_loss_sums
-from tc2.parallel.spmd_step import barrier, merge_checkpoint, reduce_gradients, save_checkpoint, spmd_train_step
-from tc2.parallel.sharding import Mesh, shard_params
-from tc2.step import init_train_state, train_step
-from tc2.tree import tree_flatten_with_names
+from tc2.model import cross_entropy_sum, forward, gather_logits, init_params, loss_sums
+from tc2.optim import adamw
+from tc2.parallel.collectives import spmd_context
+from tc2.parallel.mesh import Mesh
+from tc2.parallel.sharding import shard_params
+from tc2.step import LossScaleConfig, init_train_state, train_step
+from tc2.train.checkpoints import save_checkpoint
+from tc2.tree import tree_flatten_with_names, tree_map
 
 # training_seqlen 16 < T: dynamic NTK and mscale are on, so global positions/length matter
 CFG = tiny(n_layer=2, n_head=4, num_key_value_heads=2, training_seqlen=16, base_seqlen=16, seq_length=16)
@@ -32,9 +35,12 @@ CLIP = 0.05                       # small enough that clipping is active
 KEYS = ("tokens", "labels", "positions", "segment_ids", "seq_len")
 
 
-def optimizer():
-    # eps large enough that the first AdamW step is not sign(g) for near-zero gradients
-    return chain(clip_by_global_norm(CLIP), adamw(1e-2, eps=1e-4, weight_decay=0.1))
+# eps large enough that the first AdamW step is not sign(g) for near-zero gradients
+OPT = adamw(1e-2, eps=1e-4, weight_decay=0.1)
+# 2^23 / 48 loss tokens > 65504: the float16 logit gradients overflow on every row, however the
+# batch is split (an overflow near the fp16 limit would depend on how many rows a weight
+# gradient sums, i.e. on dp); 2^15 is far below it. So: skip, apply, apply, grow to 2^23, skip.
+LS16 = LossScaleConfig(init_scale=2.0 ** 23, growth_interval=2, factor=2.0 ** 8)
 
 
 def batch(seed):
@@ -67,30 +73,40 @@ def reference_grads(params, tokens, labels, positions, segment_ids, w):
 
 
 def make_spmd_grads(ctx):
+    """Jitted (gathered logits, loss, grads summed over dp x cp, grads through gathered logits).
+
+    Two graphs, each one chain of collectives: independent collective-bearing branches in one
+    graph may be scheduled in different orders on different ranks (their graphs differ in
+    rank constants), which pairs mismatched all-reduces."""
     def objective(params, tokens, labels, positions, segment_ids, seq_len, w):
-        s, _ = spmd_loss_sums(params, tokens, labels, CFG, ctx, positions=positions, seq_len=seq_len,
-                              segment_ids=segment_ids)
-        return s * w
+        logits, _ = forward(params, tokens, CFG, positions=positions, seq_len=seq_len, segment_ids=segment_ids,
+                            ctx=ctx)
+        s, _ = cross_entropy_sum(logits, labels, ctx)
+        return s * w, logits
 
     def gathered_objective(params, tokens, labels, positions, segment_ids, seq_len, w):
         """The same loss through the all-gathered full logits (GatherFromGroup's bprop)."""
-        logits = gather_logits(spmd_forward(params, tokens, CFG, ctx, positions=positions, seq_len=seq_len,
-                                            segment_ids=segment_ids), ctx)
-        return cross_entropy_sum(logits, labels)[0] * w
+        logits, _ = forward(params, tokens, CFG, positions=positions, seq_len=seq_len, segment_ids=segment_ids,
+                            ctx=ctx)
+        return cross_entropy_sum(gather_logits(logits, ctx), labels)[0] * w
 
     @ms.jit
     def run(params, tokens, labels, positions, segment_ids, seq_len, w):
-        logits = spmd_forward(params, tokens, CFG, ctx, positions=positions, seq_len=seq_len,
-                              segment_ids=segment_ids)
-        loss, grads = ms.value_and_grad(objective, grad_position=0)(params, tokens, labels, positions,
-                                                                     segment_ids, seq_len, w)
-        if ctx.tp > 1:
-            grads2 = ms.grad(gathered_objective, grad_position=0)(params, tokens, labels, positions,
-                                                                  segment_ids, seq_len, w)
-        else:
-            grads2 = grads
-        return gather_logits(logits, ctx), loss, reduce_gradients(grads, ctx), grads2
-    return run
+        (loss, logits), grads = ms.value_and_grad(objective, grad_position=0, has_aux=True)(
+            params, tokens, labels, positions, segment_ids, seq_len, w)
+        if ctx.dp * ctx.cp > 1:
+            grads = tree_map(ctx.sum_dpcp, grads)
+        return gather_logits(logits, ctx), loss, grads
+
+    @ms.jit
+    def run_gathered(params, tokens, labels, positions, segment_ids, seq_len, w):
+        return ms.grad(gathered_objective, grad_position=0)(params, tokens, labels, positions, segment_ids,
+                                                            seq_len, w)
+
+    def both(*args):
+        logits, loss, grads = run(*args)
+        return logits, loss, grads, (run_gathered(*args) if ctx.tp > 1 else grads)
+    return both
 
 
 def reference(params, b0, b1, w):
@@ -98,12 +114,26 @@ def reference(params, b0, b1, w):
     res = {}
     logits, loss, grads = reference_grads(ms.mutable(params), *(ms.Tensor(b0[k]) for k in KEYS[:4]), w)
     res.update({"ref/logits": logits.asnumpy(), "ref/loss": loss.asnumpy()}, **flat(grads, "ref_grad"))
-    state = init_train_state(params, optimizer())
-    state1, m1 = train_step(state, b0, CFG, optimizer())
-    state2, m2 = train_step(state1, b1, CFG, optimizer())
+    state = init_train_state(params, OPT)
+    state1, m1 = train_step(state, b0, CFG, OPT, clip_norm=CLIP)
+    state2, m2 = train_step(state1, b1, CFG, OPT, clip_norm=CLIP)
     res.update(flat(state1.params, "ref_step1"), **flat(state2.params, "ref_step2"))
     res.update({"ref/m1": np.array([m1["loss"], m1["grad_norm"]]), "ref/m2": np.array([m2["loss"], m2["grad_norm"]])})
+    res.update(run_fp16(params, Mesh(), None, "ref16"))
     return res
+
+
+def run_fp16(params, mesh, ctx, prefix):
+    """Five float16 steps with dynamic loss scaling (the first ones overflow and are skipped)."""
+    cfg16, kw = CFG.replace(dtype="float16"), {} if ctx is None else {"ctx": ctx}
+    state = init_train_state(params if ctx is None else shard_params(params, CFG, mesh, ctx.rank), OPT, LS16)
+    out, metrics = {}, []
+    for b in (batch(1), batch(2), batch(3), batch(4), batch(5)):
+        state, m = train_step(state, b, cfg16, OPT, LS16, clip_norm=CLIP, **kw)
+        metrics.append([m["loss"], m["grad_norm"], m["skipped"], m["loss_scale"]])
+    out.update(flat(state.params, f"{prefix}_params"))
+    out[f"{prefix}/m"] = np.array(metrics)
+    return out
 
 
 def main():
@@ -124,34 +154,34 @@ def main():
     print(f"reference: {time.perf_counter() - t0:.1f}s", flush=True)
     for case in cases:
         t0 = time.perf_counter()
-        mesh = {"dp": Mesh(dp=world), "tp": Mesh(tp=world), "cp": Mesh(cp=world),
+        mesh = {"dp": Mesh(dp=world), "dp16": Mesh(dp=world), "tp": Mesh(tp=world), "cp": Mesh(cp=world),
                 "tpcp": Mesh(tp=2, cp=world // 2)}[case]
         ctx = spmd_context(mesh)
+        if case == "dp16":
+            res.update(run_fp16(params, mesh, ctx, "dp16"))
+            continue
         local = shard_params(params, CFG, mesh, ctx.rank)
         if case in ("tp", "cp"):
-            sb = shard_batch(b0, mesh, ctx.rank, layout=ctx.layout)
+            sb = ctx.local_batch(b0)
             logits, loss, grads, grads2 = make_spmd_grads(ctx)(ms.mutable(local), *(ms.Tensor(sb[k]) for k in KEYS), w)
             res.update({f"{case}/logits": logits.asnumpy(), f"{case}/loss": loss.asnumpy()}, **flat(grads, f"{case}_grad"))
             if case == "tp":
                 res.update(flat(grads2, "tp_gathered_grad"))
-        opt = optimizer()
-        st = init_train_state(local, opt)
-        st, m = spmd_train_step(st, b0, CFG, opt, ctx, max_grad_norm=CLIP)
+        st = init_train_state(local, OPT)
+        st, m = train_step(st, b0, CFG, OPT, clip_norm=CLIP, ctx=ctx)
         res.update(flat(st.params, f"{case}_step1"))
         res[f"{case}/m1"] = np.array([m["loss"], m["grad_norm"]])
         if case == "dp":
-            st, m = spmd_train_step(st, b1, CFG, opt, ctx, max_grad_norm=CLIP)
+            st, m = train_step(st, b1, CFG, OPT, clip_norm=CLIP, ctx=ctx)
             res.update(flat(st.params, "dp_step2"))
             res["dp/m2"] = np.array([m["loss"], m["grad_norm"]])
         if case == "tp":
-            ckpt = os.path.join(out_dir, "ckpt_tp")
-            save_checkpoint(st.params, CFG, ctx, ckpt)
+            path = save_checkpoint(os.path.join(out_dir, "ckpt_tp"), st, CFG, ctx=ctx)
             if ctx.rank == 0:
-                merge_checkpoint(ckpt, os.path.join(out_dir, "merged"))
-                merged, cfg = load_hf(os.path.join(out_dir, "merged"))
+                merged, cfg = load_hf(path)
                 assert cfg == CFG.replace(dtype=cfg.dtype), (cfg, CFG)
                 res.update(flat(merged, "merged"))
-            barrier()
+            ctx.barrier()
         print(f"case {case}: {time.perf_counter() - t0:.1f}s", flush=True)
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **res)
     print(f"rank {rank}: done {cases}", flush=True)

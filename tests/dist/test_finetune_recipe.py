@@ -1,8 +1,11 @@
-"""`recipes/finetune.py --parallel.cp 2` under msrun == the single-process recipe.
+"""`recipes/finetune.py` under msrun == the single-process recipe, through every part of `fit`.
 
-About 1 min (msrun job + the single-process run); TC2_DIST_RECIPE=0 skips it.
-Same data, seed and schedule (warmup, clipping, 2 micro-batches per step); the merged HF
-checkpoint of the parallel run must equal the single-process checkpoint.
+* `--parallel.cp 2` (ring attention across processes) for the whole run;
+* `--parallel.dp 2` stopped after 2 steps (`--train.stop_after 2`) and resumed in a new msrun
+  job (`--train.resume true`): the resumed run's losses and final weights equal the
+  uninterrupted single-process run's (bit-exact resume under data parallelism).
+Same data, seed and schedule (warmup, clipping, 2 micro-batches per step); checkpoints are
+merged per-rank shards, read back with `load_hf`. About 2-3 min; TC2_DIST_RECIPE=0 skips it.
 """
 import json
 import os
@@ -29,38 +32,66 @@ def _args(tmp, out_dir):
     return ["--config", os.path.join(ROOT, "recipes/configs/finetune_tiny.yaml"),
             "--data.train", str(tmp / "train.jsonl"), "--data.eval", "null", "--data.tokenizer", str(tmp / "tok.model"),
             "--train.out_dir", str(out_dir), "--train.epochs", "null", "--train.steps", str(STEPS),
-            "--train.log_every", "1", "--train.eval_every", "0", "--train.save_every", "0", "--train.plot", "false"]
+            "--train.micro_batch", "2", "--train.log_every", "1", "--train.eval_every", "0",
+            "--train.save_every", "0", "--train.plot", "false"]
 
 
 def _losses(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if r.get("kind") == "train"]
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if r.get("kind") == "train"}
 
 
-def test_finetune_cp2_under_msrun_equals_single_process(tmp_path):
-    from tc2.data.synthetic import make_examples, write_dialog_jsonl
-    sys.path.insert(0, os.path.join(ROOT, "recipes"))
-    import finetune
-    import train_tokenizer
-    write_dialog_jsonl(make_examples(120), str(tmp_path / "train.jsonl"))
-    assert train_tokenizer.main(["--input", str(tmp_path / "train.jsonl"), "--out_prefix", str(tmp_path / "tok"),
-                                 "--vocab_size", "512"]) == 0
-
+def _msrun(tmp, n, args):
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, PYTHONPATH=ROOT, GLOG_v="3", PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
-    log_dir = tmp_path / "logs"
-    cmd = [os.path.join(bin_dir, "msrun"), "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
-           f"--log_dir={log_dir}", "--join=True", os.path.join(ROOT, "recipes/finetune.py"),
-           *_args(tmp_path, tmp_path / "par"), "--parallel.cp", "2"]
+    log_dir = tmp / f"logs-{_free_port()}"
+    cmd = [os.path.join(bin_dir, "msrun"), f"--worker_num={n}", f"--local_worker_num={n}",
+           f"--master_port={_free_port()}", f"--log_dir={log_dir}", "--join=True",
+           os.path.join(ROOT, "recipes/finetune.py"), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"msrun exit {proc.returncode}\n{proc.stdout[-2000:]}\n{_logs(str(log_dir))}"
 
-    assert finetune.main(_args(tmp_path, tmp_path / "one")) == 0
 
-    np.testing.assert_allclose(_losses(tmp_path / "par"), _losses(tmp_path / "one"), rtol=1e-5)
-    merged, _ = load_hf(str(tmp_path / "par" / f"hf_step_{STEPS:08d}"))
-    single, _ = load_hf(str(tmp_path / "one" / f"step_{STEPS:08d}"))
-    a, b = tree_flatten_with_names(merged), tree_flatten_with_names(single)
-    assert set(a) == set(b)
-    for n in a:
-        np.testing.assert_allclose(a[n].asnumpy(), b[n].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=n)
+def _weights(path):
+    params, _ = load_hf(str(path))
+    return {n: x.asnumpy() for n, x in tree_flatten_with_names(params).items()}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """Data, tokenizer and the uninterrupted single-process run every msrun run must equal."""
+    from tc2.data.synthetic import make_examples, write_dialog_jsonl
+    tmp = tmp_path_factory.mktemp("recipe")
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    import finetune
+    import train_tokenizer
+    write_dialog_jsonl(make_examples(120), str(tmp / "train.jsonl"))
+    assert train_tokenizer.main(["--input", str(tmp / "train.jsonl"), "--out_prefix", str(tmp / "tok"),
+                                 "--vocab_size", "512"]) == 0
+    assert finetune.main(_args(tmp, tmp / "one")) == 0
+    return tmp, _losses(tmp / "one"), _weights(tmp / "one" / f"step_{STEPS:08d}")
+
+
+def _assert_same(out_dir, single, steps):
+    _, losses, weights = single
+    got = _losses(out_dir)
+    assert sorted(got) == steps
+    np.testing.assert_allclose([got[s] for s in steps], [losses[s] for s in steps], rtol=1e-5)
+    merged = _weights(out_dir / f"step_{STEPS:08d}")
+    assert set(merged) == set(weights)
+    for n, w in weights.items():
+        np.testing.assert_allclose(merged[n], w, rtol=1e-5, atol=1e-6, err_msg=n)
+
+
+def test_finetune_cp2_under_msrun_equals_single_process(single):
+    tmp = single[0]
+    _msrun(tmp, 2, _args(tmp, tmp / "cp2") + ["--parallel.cp", "2"])
+    _assert_same(tmp / "cp2", single, list(range(1, STEPS + 1)))
+
+
+def test_finetune_dp2_stopped_and_resumed_equals_uninterrupted_single_process(single):
+    tmp = single[0]
+    _msrun(tmp, 2, _args(tmp, tmp / "dp2") + ["--parallel.dp", "2", "--train.stop_after", "2"])
+    assert sorted(_losses(tmp / "dp2")) == [1, 2] and (tmp / "dp2" / "step_00000002").is_dir()
+    _msrun(tmp, 2, _args(tmp, tmp / "dp2") + ["--parallel.dp", "2", "--train.resume", "true"])
+    _assert_same(tmp / "dp2", single, list(range(1, STEPS + 1)))

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from tc2.nn.ring import unfold_ranks
-from tc2.parallel.sharding import Mesh, param_slices
+from tc2.parallel.mesh import Mesh
+from tc2.parallel.sharding import param_slices
 from tc2.tree import tree_flatten_with_names
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,6 +24,7 @@ WORKER = os.path.join(HERE, "spmd_worker.py")
 TIMEOUT = float(os.environ.get("TC2_DIST_TIMEOUT", "420"))
 sys.path.insert(0, HERE)
 from spmd_worker import CFG, T  # noqa: E402
+from tc2.model import init_params  # noqa: E402
 
 
 def _free_port() -> int:
@@ -96,7 +98,7 @@ class _Job:
         return self.result
 
 
-_TWO, _FOUR = _Job(2, "tp,cp,dp"), _Job(4, "tpcp")
+_TWO, _FOUR = _Job(2, "tp,cp,dp,dp16"), _Job(4, "tpcp")
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +122,29 @@ def test_dp2_train_steps_equal_single_process(two):
                          f"dp=2 params after step {step}")
             np.testing.assert_allclose(res[f"dp/m{step}"], ref[f"ref/m{step}"], rtol=1e-5,
                                        err_msg="(loss, grad_norm)")
+
+
+def test_dp2_float16_loss_scaling_equals_single_process(two):
+    """Same skips, same loss scale, losses and grad norms to 1e-4; the parameter updates agree
+    to float16's rounding: a weight gradient summed over half the rows on each rank is rounded
+    to float16 twice instead of once (unit roundoff 2^-11), and AdamW normalises it."""
+    ref = two[0]
+    m_ref = ref["ref16/m"]                                    # [step, (loss, gnorm, skipped, scale)]
+    skipped = m_ref[:, 2] == 1.0
+    assert skipped[0] and not skipped.all(), f"the scale must overflow first, then apply: {m_ref[:, 2]}"
+    start = {n: x.asnumpy() for n, x in tree_flatten_with_names(init_params(CFG, seed=7)).items()}
+    want = _group(ref, "ref16_params")
+    for r in (0, 1):
+        res = two[r]
+        np.testing.assert_array_equal(res["dp16/m"][:, 2:], m_ref[:, 2:], err_msg="skips and loss scale")
+        np.testing.assert_allclose(res["dp16/m"][~skipped, :2], m_ref[~skipped, :2], rtol=1e-4,
+                                   err_msg="(loss, grad_norm) of the applied steps")
+        got = _group(res, "dp16_params")
+        assert set(got) == set(want)
+        for n in want:
+            d_ref, d_got = want[n] - start[n], got[n] - start[n]
+            err = np.linalg.norm(d_got - d_ref) / np.linalg.norm(d_ref)
+            assert err < 2.0 ** -10, f"rank {r} {n}: update differs by {err:.2e} (relative)"
 
 
 def test_tp2_logits_and_gradients_equal_single_process(two):
