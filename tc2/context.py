@@ -55,6 +55,7 @@ class ParallelContext:
     sum_dpcp: Callable = _identity      # plain sum over dp x cp (gradients, loss sums)
     rotate: Optional[Callable] = None   # ring rotation over cp: block -> previous rank's block
     barrier: Callable = _nothing        # host: wait for every process
+    host_sum: Callable = _identity      # host: a float numpy array summed over every process
 
     @property
     def size(self) -> int:

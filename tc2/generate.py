@@ -14,6 +14,9 @@ Randomness is host-side numpy noise (seeded) fed to the step; see `tc2.sampling`
 Dynamic NTK: each row's length L is its own real token count (prompt + generated so far),
 whatever the padding, so a row decodes exactly as it would alone (the official code, at
 batch 1, token for token).
+Tensor parallel (`ctx`, under msrun): every process of a tp group runs the same steps on its
+heads; its KV cache holds its own KV heads, and the vocabulary-sharded logits of the last
+position are gathered before sampling, so every process picks the same tokens.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from mindspore import ops
 
 from tc2.cache import PAD_POS, init_cache
 from tc2.config import ModelConfig
-from tc2.model import forward
+from tc2.context import LOCAL, ParallelContext
+from tc2.model import forward, gather_logits
 from tc2.sampling import NEG, SamplingConfig, mark_present, next_token
 
 __all__ = ["generate", "generate_ids", "generate_batched", "stream_text", "PromptBatch",
@@ -120,7 +124,8 @@ def pack_prompts(prompts, cfg: ModelConfig, *, max_new_tokens: int,
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_steps(cfg: ModelConfig, sampling: Optional[SamplingConfig], vocab_limit: Optional[int] = None):
+def compiled_steps(cfg: ModelConfig, sampling: Optional[SamplingConfig], vocab_limit: Optional[int] = None,
+                   ctx: ParallelContext = LOCAL):
     """(prefill, decode): the same step under two `ms.jit` objects, compiled once per shapes.
 
     step(params, tokens [B, T] int32, positions [B, T] int32, cache, presence, uniform [B])
@@ -135,8 +140,8 @@ def compiled_steps(cfg: ModelConfig, sampling: Optional[SamplingConfig], vocab_l
 
     def step(params, tokens, positions, cache, presence, uniform):
         logits, cache = forward(params, tokens, cfg, positions=positions, cache=cache,
-                                last_only=True)                                          # [B, 1, V]
-        last = logits[:, -1].astype(ms.float32)                                          # [B, V]
+                                last_only=True, ctx=ctx)                                 # [B, 1, V/tp]
+        last = gather_logits(logits[:, -1], ctx).astype(ms.float32)                      # [B, V]
         allowed = last
         if limit is not None:
             allowed = ops.where(ops.arange(cfg.vocab_size) < limit, last, NEG)          # [B, V]
@@ -173,7 +178,7 @@ def _initial_presence(batch: PromptBatch, cfg: ModelConfig, sampling) -> ms.Tens
 def generate(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
              sampling: Optional[SamplingConfig] = None, stop_ids: Sequence[int] = (2,),
              seed: int = 0, max_len: Optional[int] = None, include_stop: bool = False,
-             vocab_limit: Optional[int] = None) -> Iterator[Tuple[Optional[int], ...]]:
+             vocab_limit: Optional[int] = None, ctx: ParallelContext = LOCAL) -> Iterator[Tuple[Optional[int], ...]]:
     """Stream new tokens for a batch of prompts (lists of token ids of any lengths).
 
     Yields once per step a tuple with one entry per prompt: the row's new token id, or None
@@ -186,7 +191,11 @@ def generate(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
     vocab_limit: only ids below it are generated, e.g. the tokenizer's size when the model's
     embedding table is padded beyond it. Arguments are checked here, before the first step: a
     prompt that does not fit in max_len (default cfg.seq_length) raises ValueError.
+    ctx: under tensor parallelism, params are this process's shards (every process of the tp
+    group calls this with the same arguments and gets the same tokens).
     """
+    if ctx.cp > 1:
+        raise ValueError("generation runs without context parallelism (cp must be 1)")
     if sampling is not None and not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a SamplingConfig or None, got {type(sampling).__name__}")
     stop = frozenset(int(s) for s in (stop_ids or ()))
@@ -196,15 +205,15 @@ def generate(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
     if max_new_tokens == 0:
         return iter(())
     limit = None if vocab_limit is None or int(vocab_limit) >= cfg.vocab_size else int(vocab_limit)
-    return _stream(params, cfg, batch, sampling, stop, int(seed), bool(include_stop), limit)
+    return _stream(params, cfg, batch, sampling, stop, int(seed), bool(include_stop), limit, ctx)
 
 
-def _stream(params, cfg, batch: PromptBatch, sampling, stop, seed, include_stop, vocab_limit):
-    prefill, decode = compiled_steps(cfg, sampling, vocab_limit)
+def _stream(params, cfg, batch: PromptBatch, sampling, stop, seed, include_stop, vocab_limit, ctx):
+    prefill, decode = compiled_steps(cfg, sampling, vocab_limit, ctx)
     B = batch.batch
     rng = np.random.default_rng(seed)
     weights = ms.mutable(params)
-    cache = init_cache(cfg, B, batch.cache_len)
+    cache = init_cache(cfg, B, batch.cache_len, ctx=ctx)
     presence = _initial_presence(batch, cfg, sampling)
     tok, _, parts, presence = prefill(weights, ms.Tensor(batch.tokens), ms.Tensor(batch.positions),
                                       ms.mutable(cache), presence,
@@ -237,13 +246,13 @@ def _stream(params, cfg, batch: PromptBatch, sampling, stop, seed, include_stop,
 def generate_ids(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
                  sampling: Optional[SamplingConfig] = None, stop_ids: Sequence[int] = (2,),
                  seed: int = 0, max_len: Optional[int] = None, include_stop: bool = False,
-                 vocab_limit: Optional[int] = None) -> List[List[int]]:
+                 vocab_limit: Optional[int] = None, ctx: ParallelContext = LOCAL) -> List[List[int]]:
     """The new tokens of each prompt as lists (stop ids excluded unless include_stop);
     the arguments are those of `generate`."""
     rows: List[List[int]] = [[] for _ in range(len(prompts))]
     for step in generate(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                          stop_ids=stop_ids, seed=seed, max_len=max_len, include_stop=include_stop,
-                         vocab_limit=vocab_limit):
+                         vocab_limit=vocab_limit, ctx=ctx):
         for r, t in enumerate(step):
             if t is not None:
                 rows[r].append(t)

@@ -240,13 +240,13 @@ def test_predict_configs_parse(name):
 
 
 def test_chat_session_commands_and_history(model_dir):
-    chat_mod = _recipe("chat")
+    from tc2.inference.chat import ChatSession
     tok = Tokenizer(os.path.join(model_dir, "tokenizer.model"))
     params, cfg = tc2.load_hf(model_dir)
     out, err = io.StringIO(), io.StringIO()
     gen = dict(sampling=SamplingConfig(), stop_ids=(tok.eos_id,), vocab_limit=tok.vocab_size)
-    chat = chat_mod.Chat(params, cfg, tok, gen, style="template", system="hi", max_len=128, max_new_tokens=6,
-                         out=out, err=err)
+    chat = ChatSession(params, cfg, tok, gen, style="template", system="hi", max_len=128, max_new_tokens=6,
+                       out=out, err=err)
     a1 = chat.answer("hello world")
     assert out.getvalue() == a1 + "\n"                      # streamed text == the final answer
     chat.answer("the quick fox")

@@ -14,6 +14,7 @@ import functools
 import os
 
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 from mindspore.ops import ReduceOp
 
@@ -87,6 +88,12 @@ def _world_sum():
     return ops.AllReduce(ReduceOp.SUM)
 
 
+def host_sum(x) -> np.ndarray:
+    """A numpy array summed over every process of the msrun job, returned to every process
+    (an eager AllReduce; float32, so integers are exact below 2^24)."""
+    return _world_sum()(ms.Tensor(np.asarray(x, np.float32))).asnumpy()
+
+
 def barrier() -> None:
     """Wait for every process of the msrun job (host side).
 
@@ -94,7 +101,7 @@ def barrier() -> None:
     returns at once on the CPU backend (measured on MindSpore 2.10: rank 0 "waited" 0.00 s
     while rank 1 slept 5 s), so it cannot order file writes between processes.
     """
-    _world_sum()(ms.Tensor([1.0], ms.float32)).asnumpy()
+    host_sum(np.ones(1))
 
 
 def local_context(cp: int = 1, layout: str = "zigzag") -> ParallelContext:
@@ -158,7 +165,7 @@ def _spmd_context(mesh: Mesh, layout: str, rotation: str) -> ParallelContext:
         else:
             kw["rotate"] = neighbor_rotation(mesh.cp, c["cp"], mesh.group("cp", rank), g)
     return ParallelContext(dp=mesh.dp, cp=mesh.cp, tp=mesh.tp, rank=rank, dp_rank=c["dp"], cp_rank=c["cp"],
-                           tp_rank=c["tp"], layout=layout, barrier=barrier, **kw)
+                           tp_rank=c["tp"], layout=layout, barrier=barrier, host_sum=host_sum, **kw)
 
 
 def mesh_of(ctx: ParallelContext) -> Mesh:
