@@ -1,7 +1,7 @@
 """`benchmark.py parallel`: SPMD overhead on this machine, measured against one process.
 
-1. Train step tokens/s on a global batch [batch, seq]: `tc2.train.train_step` in one process vs
-   `tc2.parallel_train.spmd_train_step` with dp=2 under msrun (2 workers, each half the rows).
+1. Train step tokens/s on a global batch [batch, seq]: `tc2.step.train_step` in one process vs
+   the same function under a dp=2 context in msrun (2 workers, each half the rows).
 2. Attention forward+backward at `ring_seq` tokens: full causal attention in one process vs
    ring attention with cp=2 (zigzag, all-reduce rotation) under msrun.
 
@@ -91,21 +91,20 @@ def worker(out_file: str, args: dict) -> None:
     init()
     import mindspore as ms
     from tc2.model import init_params
+    from tc2.nn.ring import fold_ranks
     from tc2.optim import adamw
     from tc2.parallel.collectives import spmd_context
-    from tc2.nn.ring import fold_ranks
-    from tc2.parallel.spmd_step import spmd_train_step
-    from tc2.parallel.sharding import Mesh, shard_params
-    from tc2.step import init_train_state
+    from tc2.parallel.mesh import Mesh
+    from tc2.step import init_train_state, train_step
 
     cfg = _model_cfg(**{k: args[k] for k in ("hidden", "n_layer", "n_head", "kv_heads", "ffn", "vocab", "seq")})
     batch = _batch(cfg, args["batch"], args["seq"])
     ctx = spmd_context(Mesh(dp=2))
     opt = adamw(1e-4)
-    state = {"s": init_train_state(shard_params(init_params(cfg, 0), cfg, ctx.mesh, ctx.rank), opt)}
+    state = {"s": init_train_state(init_params(cfg, 0), opt)}
 
     def step():
-        state["s"], m = spmd_train_step(state["s"], batch, cfg, opt, ctx, max_grad_norm=1.0)
+        state["s"], m = train_step(state["s"], batch, cfg, opt, clip_norm=1.0, ctx=ctx)
     dp_first, dp_step = _timed(step, args["warmup"], args["iters"])
 
     ctx = spmd_context(Mesh(cp=2))
@@ -130,7 +129,7 @@ def run(hidden: int = 256, n_layer: int = 2, n_head: int = 4, kv_heads: int = 2,
     """Single process vs msrun (2 workers): dp=2 train step and cp=2 ring attention."""
     import mindspore as ms
     from tc2.model import count_params, init_params
-    from tc2.optim import adamw, chain, clip_by_global_norm
+    from tc2.optim import adamw
     from tc2.step import init_train_state, train_step
 
     args = dict(hidden=hidden, n_layer=n_layer, n_head=n_head, kv_heads=kv_heads, ffn=ffn, vocab=vocab,
@@ -142,11 +141,11 @@ def run(hidden: int = 256, n_layer: int = 2, n_head: int = 4, kv_heads: int = 2,
           f"batch {batch} x {seq}; attention {heads}/{attn_kv_heads} heads x {head_dim} at {ring_seq} tokens",
           flush=True)
 
-    opt = chain(clip_by_global_norm(1.0), adamw(1e-4))
+    opt = adamw(1e-4)
     state = {"s": init_train_state(init_params(cfg, 0), opt)}
 
     def step():
-        state["s"], _ = train_step(state["s"], data, cfg, opt)
+        state["s"], _ = train_step(state["s"], data, cfg, opt, clip_norm=1.0)
     one_first, one_step = _timed(step, warmup, iters)
     q, k, v, pos = (ms.Tensor(a) for a in _attention_inputs(ring_seq, heads, attn_kv_heads, head_dim))
     full = _attention_fwd_bwd()

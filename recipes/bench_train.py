@@ -1,7 +1,7 @@
 """`benchmark.py train`: training throughput and MFU against this machine's matmul peak.
 
 One full optimizer step (forward, backward over the whole parameter dict, global-norm clip,
-AdamW) of `tc2.train.train_step` in graph mode, float32, for the issue's shapes S and M.
+AdamW) of `tc2.step.train_step` in graph mode, float32, for the issue's shapes S and M.
 MFU = model FLOPs per second / the float32 matmul peak measured in the same process (a
 jitted 2048^3 matmul, best of several, measured before and after the models; the larger is
 used). Model FLOPs per token (PaLM appendix B convention, forward + backward):
@@ -30,9 +30,9 @@ from jsonargparse import CLI
 
 from tc2.config import ModelConfig
 from tc2.model import init_params, param_specs
+from tc2.optim import OptimConfig, make_optimizer
 from tc2.step import init_train_state, split_micro_batches, train_step
 from tc2.train.batches import synthetic_batches
-from tc2.train.loop import OptimConfig, make_optimizer
 from tc2.tree import tree_flatten_with_names
 
 SHAPES = {
@@ -80,20 +80,21 @@ def bench_shape(name: str, warmup: int, steps: int, micro: Optional[int] = None)
     k = spec["batch"] // micro
     cfg = ModelConfig(**spec["model"], training_seqlen=spec["seq"], base_seqlen=spec["seq"],
                       seq_length=spec["seq"], dtype="float32")
-    opt = make_optimizer(OptimConfig(), total_steps=1000)            # the release's recipe
+    ocfg = OptimConfig()                                              # the release's recipe
+    opt = make_optimizer(ocfg, total_steps=1000)
     state = init_train_state(init_params(cfg, 0), opt)
     stream = synthetic_batches(cfg, spec["batch"], spec["seq"], seed=0)
     data = (split_micro_batches(b, k) if k > 1 else b for b in stream)
     t0 = time.perf_counter()
-    state, _ = train_step(state, next(data), cfg, opt)                # compile + first step
+    state, _ = train_step(state, next(data), cfg, opt, clip_norm=ocfg.clip)                # compile + first step
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
-        state, _ = train_step(state, next(data), cfg, opt)
+        state, _ = train_step(state, next(data), cfg, opt, clip_norm=ocfg.clip)
     times: List[float] = []
     for _ in range(steps):
         batch = next(data)
         t0 = time.perf_counter()
-        state, m = train_step(state, batch, cfg, opt)                 # metrics read = synced
+        state, m = train_step(state, batch, cfg, opt, clip_norm=ocfg.clip)                 # metrics read = synced
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     tokens = spec["batch"] * spec["seq"]

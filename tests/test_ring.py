@@ -7,7 +7,7 @@ import pytest
 
 from tc2.cache import PAD_POS
 from tc2.nn import attention_with_lse
-from tc2.nn.ring import (_decode, _encode, fold_ranks, padded_length, ring_attention, ring_permutation,
+from tc2.nn.ring import (decode_exact, encode_exact, fold_ranks, padded_length, ring_attention, ring_permutation,
                          roll_rotation, sequence_index, unfold_ranks)
 
 B, T, NQ, NKV, D = 2, 21, 4, 2, 8       # GQA: 2 query heads per KV head; T divides no ring evenly
@@ -153,7 +153,7 @@ def test_fold_unfold_roundtrip():
 
 @ms.jit
 def _roundtrip(x):
-    return _decode(_encode(x), x)
+    return decode_exact(encode_exact(x), x)
 
 
 def test_positions_travel_exactly_through_float_collectives():

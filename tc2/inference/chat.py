@@ -119,20 +119,6 @@ def read_line(stdin, out, prompt: str):
     return None if line == "" else line.rstrip("\n")
 
 
-def read_line(stdin, out, prompt: str):
-    """One line of input, or None at end of input (Ctrl-D). A terminal gets line editing."""
-    if stdin is sys.stdin and stdin.isatty():
-        try:
-            return input(prompt)
-        except EOFError:
-            out.write("\n")
-            return None
-    out.write(prompt)
-    out.flush()
-    line = stdin.readline()
-    return None if line == "" else line.rstrip("\n")
-
-
 def share_line(line: Optional[str], ctx: ParallelContext = LOCAL) -> Optional[str]:
     """Rank 0's line (None: end of input) on every process, as UTF-8 bytes through `host_sum`."""
     if ctx.size == 1:

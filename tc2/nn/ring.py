@@ -68,7 +68,7 @@ def roll_rotation(ring_size: int) -> Callable:
     return rotate
 
 
-def _encode(x):
+def encode_exact(x):
     """Tensor -> float tensor a float-only AllReduce carries exactly (ints as two halves)."""
     if x.dtype in (ms.int32, ms.int64):
         x = x.astype(ms.int32)
@@ -78,7 +78,7 @@ def _encode(x):
     return x
 
 
-def _decode(y, like):
+def decode_exact(y, like):
     if like.dtype in (ms.int32, ms.int64):
         y = ops.round(y).astype(ms.int32)
         return (y[..., 0] * _POS_SPLIT + y[..., 1]).astype(like.dtype)
@@ -114,7 +114,7 @@ def allreduce_rotation(ring_size: int, ring_rank: int, all_reduce) -> Callable:
     def rotate(block):
         out = ()
         for x in block:
-            out = out + (_decode(slot_shift(_encode(x), ring_size, ring_rank, all_reduce), x),)
+            out = out + (decode_exact(slot_shift(encode_exact(x), ring_size, ring_rank, all_reduce), x),)
         return out
     return rotate
 
