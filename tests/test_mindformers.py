@@ -14,7 +14,8 @@ import pytest
 import mindspore.train.serialization as ms_serialization
 from tc2.checkpoint.hf import hf_shapes
 from tc2.config import tiny
-from tc2.checkpoint.mindformers import _ckpt_files, hf_from_mf, load_mindformers, mf_name, save_mindformers
+from tc2.checkpoint.mindformers import _ckpt_files, load_mindformers, save_mindformers
+from tc2.checkpoint.names import hf_from_mf, mf_name
 from tc2.model import jit_forward, param_specs
 from tc2.checkpoint.ms_ckpt import CkptFile, write_ckpt
 from tc2.tree import tree_flatten_with_names, tree_unflatten_from_names
