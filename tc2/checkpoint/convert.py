@@ -30,14 +30,15 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from tc2.checkpoint.hf import (INDEX, SINGLE, check_hf_layout, hf_shapes, hf_tensor_files,
-                         write_hf_tensors)
+from tc2.checkpoint.hf import INDEX, SINGLE, check_hf_layout, hf_shapes, hf_tensor_files, write_hf_tensors
+from tc2.checkpoint.mindformers import MindFormersCheckpoint, resolve_config
+from tc2.checkpoint.ms_ckpt import write_ckpt
+from tc2.checkpoint.names import mf_name
+from tc2.checkpoint.reader import Reader, read_slices
+from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, np_dtype,
+                                        read_header, to_float32)
 from tc2.config import ModelConfig
 from tc2.files import StagedDir
-from tc2.checkpoint.mindformers import MindFormersCheckpoint, mf_name, resolve_config
-from tc2.checkpoint.ms_ckpt import write_ckpt
-from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, np_dtype, read_header,
-                             to_float32)
 from tc2.parallel.sharding import split_dim
 
 LAYOUT = "tp_layout.json"
@@ -52,15 +53,7 @@ def _weight(f: SafetensorsFile, name: str) -> Tuple[Tuple[int, ...], str]:
     return shape, dtype
 
 
-class _Reader:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class HFCheckpoint(_Reader):
+class HFCheckpoint(Reader):
     """An HF TeleChat2 directory (or a tc2 training checkpoint, or one .safetensors file)."""
 
     kind = "hf"
@@ -70,7 +63,7 @@ class HFCheckpoint(_Reader):
         single = os.path.isfile(path)
         files = {n: path for n in read_header(path)} if single else hf_tensor_files(path)
         self._files = {}
-        try:
+        with self.closing_on_error():
             for file in sorted(set(files.values())):
                 self._files[file] = SafetensorsFile(file)
             self._where = {}
@@ -83,9 +76,6 @@ class HFCheckpoint(_Reader):
                 config = path
             self.config = resolve_config(shapes, path, config=config, n_head=n_head)
             self.tensors = {n: self._where[n].shape_dtype(n) for n in hf_shapes(self.config)}
-        except BaseException:
-            self.close()
-            raise
 
     def read(self, name: str) -> np.ndarray:
         return self._where[name].read(name)
@@ -95,7 +85,7 @@ class HFCheckpoint(_Reader):
             f.close()
 
 
-class TPCheckpoint(_Reader):
+class TPCheckpoint(Reader):
     """tc2's tensor-parallel directory (see the module docstring), read back as full tensors."""
 
     kind = "tc2-tp"
@@ -113,7 +103,7 @@ class TPCheckpoint(_Reader):
         self._layout = {n: (tuple(s["shape"]), s["split_dim"]) for n, s in specs.items()}
         check_hf_layout(self.config, {n: s for n, (s, _) in self._layout.items()}, layout_path)
         self._ranks: List[SafetensorsFile] = []
-        try:
+        with self.closing_on_error():
             for r in range(tp):
                 rank = SafetensorsFile(os.path.join(path, f"rank_{r}", SINGLE))
                 self._ranks.append(rank)
@@ -129,9 +119,6 @@ class TPCheckpoint(_Reader):
                                          f"{LAYOUT} implies {tuple(want)} (1/{tp} of {shape} on dim {dim})")
             self.tensors = {n: (self._layout[n][0], self._ranks[0].shape_dtype(n)[1])
                             for n in hf_shapes(self.config)}
-        except BaseException:
-            self.close()
-            raise
 
     def read(self, name: str) -> np.ndarray:
         shape, dim = self._layout[name]
@@ -141,15 +128,8 @@ class TPCheckpoint(_Reader):
                 if not np.array_equal(rank.read(name), first):
                     raise ValueError(f"{rank.path}: replicated tensor {name} differs from rank_0's")
             return first
-        out = np.empty(shape, np_dtype(self.tensors[name][1]))
-        step = shape[dim] // len(self._ranks)
-        for r, rank in enumerate(self._ranks):
-            index = (slice(None),) * dim + (slice(r * step, (r + 1) * step),)
-            if dim == 0:
-                rank.read(name, out=out[index])
-            else:
-                out[index] = rank.read(name)
-        return out
+        parts = [(rank, name) for rank in self._ranks]
+        return read_slices(parts, shape, np_dtype(self.tensors[name][1]), dim)
 
     def close(self):
         for f in self._ranks:

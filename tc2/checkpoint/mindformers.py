@@ -21,6 +21,7 @@ import numpy as np
 from tc2.checkpoint.hf import check_hf_layout, hf_arrays, hf_shapes
 from tc2.checkpoint.ms_ckpt import CkptFile, write_ckpt
 from tc2.checkpoint.names import hf_from_mf, hf_layer, hf_name, leaf_key, mf_name, tc2_from_hf
+from tc2.checkpoint.reader import Reader, read_slices
 from tc2.checkpoint.safetensors import WEIGHT_DTYPES, np_dtype, to_float32
 from tc2.config import ModelConfig, telechat2_7b, telechat2_35b, telechat2_115b
 from tc2.model import param_specs
@@ -131,7 +132,7 @@ def _ckpt_files(path: str, pattern: str) -> List[Tuple[int, str]]:
     return out
 
 
-class MindFormersCheckpoint:
+class MindFormersCheckpoint(Reader):
     """A MindFormers checkpoint opened for reading as full tensors under HF names.
 
     `path`: a `.ckpt`, or a directory of `rank_*/` sub-directories (one `.ckpt` each, chosen by
@@ -152,7 +153,7 @@ class MindFormersCheckpoint:
                  config=None, pattern: str = "*.ckpt", check_crc: bool = False):
         self.path = path
         self._files: Dict[int, CkptFile] = {}
-        try:
+        with self.closing_on_error():
             for rank, file in _ckpt_files(path, pattern):
                 self._files[rank] = CkptFile(file, check_crc=check_crc)
             fields, parallel = read_mf_yaml(mf_yaml) if mf_yaml else ({}, {})
@@ -168,9 +169,6 @@ class MindFormersCheckpoint:
                                      f"MindFormers gives every rank whole heads, so these are not its shards")
             order = list(hf_shapes(self.config))
             self.tensors = {n: (tuple(shapes[n]), self._dtype[n]) for n in order}
-        except BaseException:
-            self.close()
-            raise
 
     def _plan_merge(self, mp_hint, vocab_emb_dp, vocab) -> Dict[str, Tuple[int, ...]]:
         weights = {r: {h: t for t in cf.entries for h in [hf_from_mf(t)] if h} for r, cf in self._files.items()}
@@ -270,25 +268,11 @@ class MindFormersCheckpoint:
         if dim is None:
             file, tag = parts[0]
             return file.read(tag)
-        out = np.empty(self.tensors[name][0], np_dtype(self._dtype[name]))
-        step = out.shape[dim] // len(parts)
-        for i, (file, tag) in enumerate(parts):
-            index = (slice(None),) * dim + (slice(i * step, (i + 1) * step),)
-            if dim == 0:
-                file.read(tag, out=out[index])               # rows of a C array: contiguous
-            else:
-                out[index] = file.read(tag)
-        return out
+        return read_slices(parts, self.tensors[name][0], np_dtype(self._dtype[name]), dim)
 
     def close(self):
         for f in self._files.values():
             f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ---- the public pair ----------------------------------------------------------------------------
