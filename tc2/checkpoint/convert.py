@@ -44,6 +44,11 @@ from tc2.parallel.sharding import split_dim
 LAYOUT = "tp_layout.json"
 
 
+def _rank_shape(shape: Tuple[int, ...], dim: Optional[int], tp: int) -> Tuple[int, ...]:
+    """The shape of one rank's slice of a tensor split `tp` ways along `dim` (None: replicated)."""
+    return tuple(s // tp if d == dim else s for d, s in enumerate(shape))
+
+
 # ---- reading ------------------------------------------------------------------------------------
 def _weight(f: SafetensorsFile, name: str) -> Tuple[Tuple[int, ...], str]:
     """(shape, dtype) of a model weight in `f`: float32, float16 or bfloat16."""
@@ -111,12 +116,10 @@ class TPCheckpoint(Reader):
                     diff = sorted(set(rank.header) ^ set(self._layout))
                     raise KeyError(f"{rank.path}: tensor names differ from {LAYOUT}, e.g. {diff[0]}")
                 for n, (shape, dim) in self._layout.items():
-                    want = list(shape)
-                    if dim is not None:
-                        want[dim] //= tp
-                    if _weight(rank, n)[0] != tuple(want):
+                    want = _rank_shape(shape, dim, tp)
+                    if _weight(rank, n)[0] != want:
                         raise ValueError(f"{rank.path}: tensor {n} has shape {rank.shape_dtype(n)[0]}, but "
-                                         f"{LAYOUT} implies {tuple(want)} (1/{tp} of {shape} on dim {dim})")
+                                         f"{LAYOUT} implies {want} (1/{tp} of {shape} on dim {dim})")
             self.tensors = {n: (self._layout[n][0], self._ranks[0].shape_dtype(n)[1])
                             for n in hf_shapes(self.config)}
 
@@ -200,22 +203,16 @@ def _write_tp(ck, dest: str, tp: int, dtype: str, progress: Progress) -> None:
     cfg = ck.config
     check_tp(cfg, tp)
     dims = {n: split_dim(n) for n in ck.tensors}
-    pieces = {}
-    for n, (shape, _) in ck.tensors.items():
-        piece = list(shape)
-        if dims[n] is not None:
-            piece[dims[n]] //= tp
-        pieces[n] = tuple(piece)
+    entries = [(n, _rank_shape(shape, dims[n], tp), dtype) for n, (shape, _) in ck.tensors.items()]
     with StagedDir(dest) as stage, contextlib.ExitStack() as files:
-        writers = [files.enter_context(SafetensorsWriter(stage.file(f"rank_{r}/{SINGLE}"),
-                                                         [(n, s, dtype) for n, s in pieces.items()]))
+        writers = [files.enter_context(SafetensorsWriter(stage.file(f"rank_{r}/{SINGLE}"), entries))
                    for r in range(tp)]
         for n, (shape, src) in ck.tensors.items():
-            raw, d = ck.read(n), dims[n]
-            for r, w in enumerate(writers):
-                k = pieces[n][d] if d is not None else None
-                w.write(n, raw if d is None else raw[(slice(None),) * d + (slice(r * k, (r + 1) * k),)], src)
-            del raw
+            raw = ck.read(n)
+            slices = [raw] * tp if dims[n] is None else np.split(raw, tp, axis=dims[n])     # views
+            for w, piece in zip(writers, slices):
+                w.write(n, piece, src)
+            del raw, slices
             progress.update(n, nbytes(shape, dtype))
         files.close()                                 # completes every rank's file (or raises)
         stage.json(LAYOUT, {"format": "tc2-tp", "version": 1, "tp": tp, "dtype": dtype,
