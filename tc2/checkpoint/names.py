@@ -70,9 +70,16 @@ def _parse(name: str, spelling: int) -> Optional[Tuple[Optional[int], str]]:
     return None
 
 
-def _rename(name: str, src: int, dst: int) -> Optional[str]:
+_WHAT = ("tc2 parameter", "HF tensor", "MindFormers tensor")
+
+
+def _rename(name: str, src: int, dst: int, *, required: bool = True) -> Optional[str]:
+    """`name` in spelling `src` respelled as `dst`; if it is not a parameter's name, a KeyError
+    (or None when not `required`)."""
     parsed = _parse(name, src)
     if parsed is None:
+        if required:
+            raise KeyError(f"{name!r} is not a TeleChat2 {_WHAT[src]} name")
         return None
     layer, key = parsed
     if layer is None:
@@ -82,31 +89,22 @@ def _rename(name: str, src: int, dst: int) -> Optional[str]:
 
 def hf_name(tc2_name: str) -> str:
     """'layers.3.query' -> 'transformer.h.3.self_attention.query.weight'."""
-    out = _rename(tc2_name, TC2, HF)
-    if out is None:
-        raise KeyError(f"{tc2_name!r} is not a TeleChat2 tc2 parameter name")
-    return out
+    return _rename(tc2_name, TC2, HF)
 
 
 def tc2_from_hf(hf: str) -> str:
     """'transformer.h.3.self_attention.query.weight' -> 'layers.3.query'."""
-    out = _rename(hf, HF, TC2)
-    if out is None:
-        raise KeyError(f"{hf!r} is not a TeleChat2 HF tensor name")
-    return out
+    return _rename(hf, HF, TC2)
 
 
 def mf_name(hf: str) -> str:
     """'transformer.h.3.self_attention.key_value.weight' -> 'model.layers.3.attention.wk_v.weight'."""
-    out = _rename(hf, HF, MF)
-    if out is None:
-        raise KeyError(f"{hf!r} is not a TeleChat2 HF tensor name")
-    return out
+    return _rename(hf, HF, MF)
 
 
 def hf_from_mf(mf: str) -> Optional[str]:
     """The HF name of an MF weight; None for anything else (optimizer moments, step counters)."""
-    return _rename(mf, MF, HF)
+    return _rename(mf, MF, HF, required=False)
 
 
 def hf_layer(hf: str) -> Optional[int]:
