@@ -1,22 +1,24 @@
 """Checkpoint conversion and comparison, streamed tensor by tensor.
 
-Every format opens as the same kind of reader: `tensors` ({HF name: (full shape, stored
-dtype)} in tree order), `config`, and `read(name)` -> that one tensor, raw (bfloat16 as uint16
-bits). Formats: an HF directory (also a tc2 training checkpoint, whose weights sit at its top
-level in HF layout), a lone `.safetensors`, a MindFormers `.ckpt` or `rank_*/` directory
-(`tc2.mindformers`), and tc2's tensor-parallel directory:
+Every format opens as the same kind of reader (a `tc2.checkpoint.reader.Reader`): `tensors`
+({HF name: (full shape, stored dtype)} in tree order), `config`, and `read(name)` -> that one
+tensor, raw (bfloat16 as uint16 bits). Formats: an HF directory (also a tc2 training checkpoint,
+whose weights sit at its top level in HF layout), a lone `.safetensors`, a MindFormers `.ckpt`
+or `rank_*/` directory (`tc2.checkpoint.mindformers`), and tc2's tensor-parallel directory:
 
     tp_layout.json            {"format": "tc2-tp", "tp": N, "tensors": {name: {shape, split_dim}}}
     config.json               the HF config of the full model
     rank_{r}/model.safetensors  rank r's slice of every tensor, HF names
 
-split along `tc2.sharding.split_dim` (heads / ffn / vocab rows, dense / down_proj columns).
+split along `tc2.parallel.sharding.split_dim` (heads / ffn / vocab rows, dense / down_proj
+columns); merged back by `tc2.checkpoint.reader.read_slices`.
 
 Every tensor is read, converted (in 16 MB blocks) and written on its own, so peak memory is
-about the largest tensor: safetensors go through `tc2.safetensors_io` (header-first writer,
-`readinto` reader), `.ckpt` files through `tc2.ms_ckpt`, HF directories through
-`tc2.checkpoint.write_hf_tensors` (as `save_hf` does). Outputs are complete or absent: files
-are written under temporary names and renamed in only when all are done (`StagedDir`).
+about the largest tensor: safetensors go through `tc2.checkpoint.safetensors` (header-first
+writer, `readinto` reader), `.ckpt` files through `tc2.checkpoint.ms_ckpt`, HF directories
+through `tc2.checkpoint.hf.write_hf_tensors` (as `save_hf` does). Outputs are complete or
+absent: files are written under temporary names and renamed in only when all are done
+(`tc2.files.StagedDir`).
 """
 from __future__ import annotations
 

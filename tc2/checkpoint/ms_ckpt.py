@@ -8,8 +8,9 @@ indexed once (offsets only) and each tensor is read with `readinto`, and writing
 records tensor by tensor: a converter holds one tensor at a time. Tests check both directions
 against `ms.save_checkpoint` / `ms.load_checkpoint` (tests/test_mindformers.py).
 
-Arrays are raw, as in `tc2.safetensors_io`: bfloat16 as uint16 bits next to a dtype name.
-The MindFormers naming, config inference and rank merging on top of this is `tc2.mindformers`.
+Arrays are raw, as in `tc2.checkpoint.safetensors`: bfloat16 as uint16 bits next to a dtype
+name. The MindFormers naming, config inference and rank merging on top of this is
+`tc2.checkpoint.mindformers`.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ tensor-parallel checkpoints all go through it), so peak memory is about the larg
 Arrays travel "raw": as stored, bfloat16 as uint16 bit patterns next to a dtype name
 ("float32", "bfloat16", ...). bfloat16 is converted with explicit bit arithmetic through
 float32 rather than a numpy bfloat16 dtype, which exists only when MindSpore registered one.
-The `.ckpt` writer (`tc2.ms_ckpt`) shares these conversions.
+The `.ckpt` writer (`tc2.checkpoint.ms_ckpt`) shares these conversions.
 """
 from __future__ import annotations
 
