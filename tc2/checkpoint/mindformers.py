@@ -107,7 +107,7 @@ def resolve_config(shapes, where: str, *, config=None, n_head=None, yaml_fields=
 
 
 # ---- MindFormers checkpoints as full HF-named tensors -------------------------------------------
-def _ckpt_files(path: str, pattern: str) -> List[Tuple[int, str]]:
+def rank_ckpt_files(path: str, pattern: str) -> List[Tuple[int, str]]:
     """[(rank, .ckpt file)]: a file, a directory of rank_0..rank_{N-1}, or a dir with one .ckpt."""
     if os.path.isfile(path):
         return [(0, path)]
@@ -154,7 +154,7 @@ class MindFormersCheckpoint(Reader):
         self.path = path
         self._files: Dict[int, CkptFile] = {}
         with self.closing_on_error():
-            for rank, file in _ckpt_files(path, pattern):
+            for rank, file in rank_ckpt_files(path, pattern):
                 self._files[rank] = CkptFile(file, check_crc=check_crc)
             fields, parallel = read_mf_yaml(mf_yaml) if mf_yaml else ({}, {})
             if config is not None and not isinstance(config, ModelConfig):
