@@ -2,15 +2,15 @@
 
 Every parameter has a tc2 leaf key ("query", "ln_f", ...) and three spellings (spec §4):
 
-    tc2           layers.3.query        word_embeddings
-    HF            transformer.h.3.self_attention.query.weight      transformer.word_embeddings.weight
-    MindFormers   model.layers.3.attention.wq.weight               model.tok_embeddings.embedding_weight
+    tc2           layers.3.query                                word_embeddings
+    HF            transformer.h.3.self_attention.query.weight   transformer.word_embeddings.weight
+    MindFormers   model.layers.3.attention.wq.weight            model.tok_embeddings.embedding_weight
 
 `_TOP` and `_LAYER` list, per leaf key, the HF and the MindFormers spelling (for per-layer keys,
 the part after the layer prefix). Every name function of tc2 is derived from them: `hf_name`,
 `tc2_from_hf`, `mf_name`, `hf_from_mf`, `hf_layer`, and `leaf_key`, which reads any of the three
 spellings (`tc2.parallel.sharding.split_dim` uses it to split a tensor known by any name).
-This module imports nothing from tc2, so the model and sharding layers may use it.
+This module imports nothing from tc2, so the sharding layer may use it.
 """
 from __future__ import annotations
 
