@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import tc2
-from tc2.checkpoint.hf import INDEX, SINGLE, hf_name, hf_shapes, load_hf, save_hf
+from tc2.checkpoint.hf import INDEX, SINGLE, hf_shapes, load_hf, save_hf
+from tc2.checkpoint.names import hf_name
 from tc2.checkpoint.safetensors import bf16_bits_from_f32, f32_from_bf16_bits, write_safetensors
 from tc2.tree import tree_flatten_with_names, tree_leaves
 

@@ -126,7 +126,7 @@ def test_half_precision_round_trips_round_like_mindspore(hf_dir, hf_arrays, tmp_
 
 
 def _hf_names():
-    from tc2.checkpoint.hf import hf_name
+    from tc2.checkpoint.names import hf_name
     return {n: hf_name(n) for n in tree_flatten_with_names(param_specs(CFG))}
 
 

@@ -14,7 +14,8 @@ import pytest
 import mindspore.train.serialization as ms_serialization
 from tc2.checkpoint.hf import hf_shapes
 from tc2.config import tiny
-from tc2.checkpoint.mindformers import _ckpt_files, hf_from_mf, load_mindformers, mf_name, save_mindformers
+from tc2.checkpoint.mindformers import load_mindformers, rank_ckpt_files, save_mindformers
+from tc2.checkpoint.names import hf_from_mf, mf_name
 from tc2.model import jit_forward, param_specs
 from tc2.checkpoint.ms_ckpt import CkptFile, write_ckpt
 from tc2.tree import tree_flatten_with_names, tree_unflatten_from_names
@@ -187,12 +188,12 @@ def test_rank_dirs_sort_numerically(tmp_path):
     for r in range(12):
         os.makedirs(tmp_path / f"rank_{r}")
         (tmp_path / f"rank_{r}" / f"ckpt_{r}.ckpt").write_bytes(b"")
-    found = _ckpt_files(str(tmp_path), "*.ckpt")
+    found = rank_ckpt_files(str(tmp_path), "*.ckpt")
     assert [r for r, _ in found] == list(range(12))
     assert [os.path.basename(f) for _, f in found] == [f"ckpt_{r}.ckpt" for r in range(12)]
     os.rename(tmp_path / "rank_5", tmp_path / "moved")
     with pytest.raises(FileNotFoundError, match="missing rank_5"):
-        _ckpt_files(str(tmp_path), "*.ckpt")
+        rank_ckpt_files(str(tmp_path), "*.ckpt")
 
 
 def test_several_ckpts_per_rank_need_a_pattern(params, tmp_path):

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
+from tc2.checkpoint.names import leaf_key
 from tc2.config import telechat2_7b, telechat2_35b, telechat2_115b, tiny
 from tc2.model import init_params, param_specs
-from tc2.parallel.sharding import (DEFAULT_RULES, Mesh, ShardingError, check_mesh, leaf_key, local_param_specs,
-                          mesh_axes, param_mesh_axes, param_slices, shard_params, split_dim,
-                          unshard_params)
+from tc2.parallel.sharding import (DEFAULT_RULES, Mesh, ShardingError, check_mesh, local_param_specs, mesh_axes,
+                                   param_mesh_axes, param_slices, shard_params, split_dim, unshard_params)
 from tc2.tree import tree_flatten_with_names
 
 CFG = tiny(n_head=4, num_key_value_heads=2)

@@ -1,1 +1,1 @@
-"""Weights on disk: HF directories, safetensors, MindSpore .ckpt, MindFormers, conversions."""
+"""Weights on disk: tensor names, HF directories, safetensors, MindSpore .ckpt, MindFormers, conversions."""

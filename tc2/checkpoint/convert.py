@@ -1,22 +1,24 @@
 """Checkpoint conversion and comparison, streamed tensor by tensor.
 
-Every format opens as the same kind of reader: `tensors` ({HF name: (full shape, stored
-dtype)} in tree order), `config`, and `read(name)` -> that one tensor, raw (bfloat16 as uint16
-bits). Formats: an HF directory (also a tc2 training checkpoint, whose weights sit at its top
-level in HF layout), a lone `.safetensors`, a MindFormers `.ckpt` or `rank_*/` directory
-(`tc2.mindformers`), and tc2's tensor-parallel directory:
+Every format opens as the same kind of reader (a `tc2.checkpoint.reader.Reader`): `tensors`
+({HF name: (full shape, stored dtype)} in tree order), `config`, and `read(name)` -> that one
+tensor, raw (bfloat16 as uint16 bits). Formats: an HF directory (also a tc2 training checkpoint,
+whose weights sit at its top level in HF layout), a lone `.safetensors`, a MindFormers `.ckpt`
+or `rank_*/` directory (`tc2.checkpoint.mindformers`), and tc2's tensor-parallel directory:
 
     tp_layout.json            {"format": "tc2-tp", "tp": N, "tensors": {name: {shape, split_dim}}}
     config.json               the HF config of the full model
     rank_{r}/model.safetensors  rank r's slice of every tensor, HF names
 
-split along `tc2.sharding.split_dim` (heads / ffn / vocab rows, dense / down_proj columns).
+split along `tc2.parallel.sharding.split_dim` (heads / ffn / vocab rows, dense / down_proj
+columns); merged back by `tc2.checkpoint.reader.read_slices`.
 
 Every tensor is read, converted (in 16 MB blocks) and written on its own, so peak memory is
-about the largest tensor: safetensors go through `tc2.safetensors_io` (header-first writer,
-`readinto` reader), `.ckpt` files through `tc2.ms_ckpt`, HF directories through
-`tc2.checkpoint.write_hf_tensors` (as `save_hf` does). Outputs are complete or absent: files
-are written under temporary names and renamed in only when all are done (`StagedDir`).
+about the largest tensor: safetensors go through `tc2.checkpoint.safetensors` (header-first
+writer, `readinto` reader), `.ckpt` files through `tc2.checkpoint.ms_ckpt`, HF directories
+through `tc2.checkpoint.hf.write_hf_tensors` (as `save_hf` does). Outputs are complete or
+absent: files are written under temporary names and renamed in only when all are done
+(`tc2.files.StagedDir`).
 """
 from __future__ import annotations
 
@@ -30,17 +32,23 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from tc2.checkpoint.hf import (INDEX, SINGLE, check_hf_layout, hf_shapes, hf_tensor_files,
-                         write_hf_tensors)
+from tc2.checkpoint.hf import INDEX, SINGLE, check_hf_layout, hf_shapes, hf_tensor_files, write_hf_tensors
+from tc2.checkpoint.mindformers import MindFormersCheckpoint, resolve_config
+from tc2.checkpoint.ms_ckpt import write_ckpt
+from tc2.checkpoint.names import mf_name
+from tc2.checkpoint.reader import Reader, read_slices
+from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, np_dtype,
+                                        read_header, to_float32)
 from tc2.config import ModelConfig
 from tc2.files import StagedDir
-from tc2.checkpoint.mindformers import MindFormersCheckpoint, mf_name, resolve_config
-from tc2.checkpoint.ms_ckpt import write_ckpt
-from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, np_dtype, read_header,
-                             to_float32)
 from tc2.parallel.sharding import split_dim
 
 LAYOUT = "tp_layout.json"
+
+
+def _rank_shape(shape: Tuple[int, ...], dim: Optional[int], tp: int) -> Tuple[int, ...]:
+    """The shape of one rank's slice of a tensor split `tp` ways along `dim` (None: replicated)."""
+    return tuple(s // tp if d == dim else s for d, s in enumerate(shape))
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -52,15 +60,7 @@ def _weight(f: SafetensorsFile, name: str) -> Tuple[Tuple[int, ...], str]:
     return shape, dtype
 
 
-class _Reader:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class HFCheckpoint(_Reader):
+class HFCheckpoint(Reader):
     """An HF TeleChat2 directory (or a tc2 training checkpoint, or one .safetensors file)."""
 
     kind = "hf"
@@ -70,7 +70,7 @@ class HFCheckpoint(_Reader):
         single = os.path.isfile(path)
         files = {n: path for n in read_header(path)} if single else hf_tensor_files(path)
         self._files = {}
-        try:
+        with self.closing_on_error():
             for file in sorted(set(files.values())):
                 self._files[file] = SafetensorsFile(file)
             self._where = {}
@@ -83,9 +83,6 @@ class HFCheckpoint(_Reader):
                 config = path
             self.config = resolve_config(shapes, path, config=config, n_head=n_head)
             self.tensors = {n: self._where[n].shape_dtype(n) for n in hf_shapes(self.config)}
-        except BaseException:
-            self.close()
-            raise
 
     def read(self, name: str) -> np.ndarray:
         return self._where[name].read(name)
@@ -95,7 +92,7 @@ class HFCheckpoint(_Reader):
             f.close()
 
 
-class TPCheckpoint(_Reader):
+class TPCheckpoint(Reader):
     """tc2's tensor-parallel directory (see the module docstring), read back as full tensors."""
 
     kind = "tc2-tp"
@@ -113,7 +110,7 @@ class TPCheckpoint(_Reader):
         self._layout = {n: (tuple(s["shape"]), s["split_dim"]) for n, s in specs.items()}
         check_hf_layout(self.config, {n: s for n, (s, _) in self._layout.items()}, layout_path)
         self._ranks: List[SafetensorsFile] = []
-        try:
+        with self.closing_on_error():
             for r in range(tp):
                 rank = SafetensorsFile(os.path.join(path, f"rank_{r}", SINGLE))
                 self._ranks.append(rank)
@@ -121,17 +118,12 @@ class TPCheckpoint(_Reader):
                     diff = sorted(set(rank.header) ^ set(self._layout))
                     raise KeyError(f"{rank.path}: tensor names differ from {LAYOUT}, e.g. {diff[0]}")
                 for n, (shape, dim) in self._layout.items():
-                    want = list(shape)
-                    if dim is not None:
-                        want[dim] //= tp
-                    if _weight(rank, n)[0] != tuple(want):
+                    want = _rank_shape(shape, dim, tp)
+                    if _weight(rank, n)[0] != want:
                         raise ValueError(f"{rank.path}: tensor {n} has shape {rank.shape_dtype(n)[0]}, but "
-                                         f"{LAYOUT} implies {tuple(want)} (1/{tp} of {shape} on dim {dim})")
+                                         f"{LAYOUT} implies {want} (1/{tp} of {shape} on dim {dim})")
             self.tensors = {n: (self._layout[n][0], self._ranks[0].shape_dtype(n)[1])
                             for n in hf_shapes(self.config)}
-        except BaseException:
-            self.close()
-            raise
 
     def read(self, name: str) -> np.ndarray:
         shape, dim = self._layout[name]
@@ -141,15 +133,8 @@ class TPCheckpoint(_Reader):
                 if not np.array_equal(rank.read(name), first):
                     raise ValueError(f"{rank.path}: replicated tensor {name} differs from rank_0's")
             return first
-        out = np.empty(shape, np_dtype(self.tensors[name][1]))
-        step = shape[dim] // len(self._ranks)
-        for r, rank in enumerate(self._ranks):
-            index = (slice(None),) * dim + (slice(r * step, (r + 1) * step),)
-            if dim == 0:
-                rank.read(name, out=out[index])
-            else:
-                out[index] = rank.read(name)
-        return out
+        parts = [(rank, name) for rank in self._ranks]
+        return read_slices(parts, shape, np_dtype(self.tensors[name][1]), dim)
 
     def close(self):
         for f in self._ranks:
@@ -220,22 +205,16 @@ def _write_tp(ck, dest: str, tp: int, dtype: str, progress: Progress) -> None:
     cfg = ck.config
     check_tp(cfg, tp)
     dims = {n: split_dim(n) for n in ck.tensors}
-    pieces = {}
-    for n, (shape, _) in ck.tensors.items():
-        piece = list(shape)
-        if dims[n] is not None:
-            piece[dims[n]] //= tp
-        pieces[n] = tuple(piece)
+    entries = [(n, _rank_shape(shape, dims[n], tp), dtype) for n, (shape, _) in ck.tensors.items()]
     with StagedDir(dest) as stage, contextlib.ExitStack() as files:
-        writers = [files.enter_context(SafetensorsWriter(stage.file(f"rank_{r}/{SINGLE}"),
-                                                         [(n, s, dtype) for n, s in pieces.items()]))
+        writers = [files.enter_context(SafetensorsWriter(stage.file(f"rank_{r}/{SINGLE}"), entries))
                    for r in range(tp)]
         for n, (shape, src) in ck.tensors.items():
-            raw, d = ck.read(n), dims[n]
-            for r, w in enumerate(writers):
-                k = pieces[n][d] if d is not None else None
-                w.write(n, raw if d is None else raw[(slice(None),) * d + (slice(r * k, (r + 1) * k),)], src)
-            del raw
+            raw = ck.read(n)
+            slices = [raw] * tp if dims[n] is None else np.split(raw, tp, axis=dims[n])     # views
+            for w, piece in zip(writers, slices):
+                w.write(n, piece, src)
+            del raw, slices
             progress.update(n, nbytes(shape, dtype))
         files.close()                                 # completes every rank's file (or raises)
         stage.json(LAYOUT, {"format": "tc2-tp", "version": 1, "tp": tp, "dtype": dtype,

@@ -1,11 +1,11 @@
 """Official Hugging Face TeleChat2 directories: config.json + (sharded) safetensors.
 
 The tc2 parameter tree keeps HF orientation and the interleaved key_value layout, so this is
-a rename plus checks: every mismatch names the tensor. Reads and writes go one tensor at a time
-through `tc2.safetensors_io` (a save never holds the model's encoded bytes), and a save never
-leaves a directory half-written: `StagedDir` writes each file under a temp name, renames them
-in together and only then removes stale shards. `tc2.convert` writes HF and tensor-parallel
-directories with the same two pieces.
+a rename (`tc2.checkpoint.names`) plus checks: every mismatch names the tensor. Reads and writes
+go one tensor at a time through `tc2.checkpoint.safetensors` (a save never holds the model's
+encoded bytes), and a save never leaves a directory half-written: `tc2.files.StagedDir` writes
+each file under a temp name, renames them in together and only then removes stale shards.
+`tc2.checkpoint.convert` writes HF and tensor-parallel directories with the same two pieces.
 """
 from __future__ import annotations
 
@@ -17,37 +17,16 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import mindspore as ms
 import numpy as np
 
+from tc2.checkpoint.names import hf_name, tc2_from_hf
+from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes,
+                                        parse_size, plan_shards, read_header)
 from tc2.config import ModelConfig
 from tc2.files import StagedDir
 from tc2.model import param_specs
-from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, parse_size,
-                             plan_shards, read_header)
 from tc2.tree import tree_flatten_with_names, tree_unflatten_from_names
 
-_LAYER = {
-    "input_layernorm": "input_layernorm.weight",
-    "query": "self_attention.query.weight",
-    "key_value": "self_attention.key_value.weight",
-    "dense": "self_attention.dense.weight",
-    "dense_bias": "self_attention.dense.bias",
-    "post_attention_layernorm": "post_attention_layernorm.weight",
-    "gate_proj": "mlp.gate_proj.weight",
-    "up_proj": "mlp.up_proj.weight",
-    "down_proj": "mlp.down_proj.weight",
-    "down_proj_bias": "mlp.down_proj.bias",
-}
-_TOP = {"word_embeddings": "transformer.word_embeddings.weight", "ln_f": "transformer.ln_f.weight",
-        "lm_head": "lm_head.weight"}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-
-
-def hf_name(tc2_name: str) -> str:
-    """'layers.3.query' -> 'transformer.h.3.self_attention.query.weight'."""
-    if tc2_name in _TOP:
-        return _TOP[tc2_name]
-    _, i, key = tc2_name.split(".")
-    return f"transformer.h.{i}.{_LAYER[key]}"
 
 
 def hf_shapes(cfg: ModelConfig) -> Dict[str, Tuple[Tuple[int, ...], str]]:
@@ -125,14 +104,13 @@ def load_hf(path: str, *, dtype=ms.float32, ctx=None, **config_overrides):
         for name, meta in read_header(file).items():
             shapes[name] = meta["shape"]
     check_hf_layout(cfg, {n: shapes.get(n, ()) for n in files}, path)
-    tc2_of = {h: n for h, (_, n) in hf_shapes(cfg).items()}
     slices = None
     if ctx is not None and ctx.tp > 1:
         from tc2.parallel.sharding import local_slices
         slices = local_slices(cfg, ctx)
     flat = {}
     for n, a in iter_hf_tensors(path):
-        name = tc2_of[n]
+        name = tc2_from_hf(n)
         if slices is not None:
             a = np.ascontiguousarray(a[slices[name].index])
         flat[name] = ms.Tensor(a.astype(np.float32, copy=False)).astype(dtype)

@@ -1,11 +1,12 @@
 """MindFormers TeleChat2 checkpoints: names, configs, and merging per-rank `.ckpt` files.
 
-The `.ckpt` file format itself (indexing, streaming reads and writes) is `tc2.ms_ckpt`; this
-module is what MindFormers puts in those files. MF names are a rename of the HF names (spec
-§4): one table from the HF names that `tc2.checkpoint.hf_name` produces to MF names, inverted
-for reading (tests check the round trip). The config comes from a config.json, a MindFormers
-yaml, or the tensor shapes. A directory of `rank_*/` files from a MindFormers run is merged with
-the tensor-parallel rule shared with `tc2.sharding.split_dim`; see `MindFormersCheckpoint`.
+The `.ckpt` file format itself (indexing, streaming reads and writes) is
+`tc2.checkpoint.ms_ckpt`; this module is what MindFormers puts in those files. MF names are a
+rename of the HF names (spec §4), both spelled in the one table of `tc2.checkpoint.names`
+(`mf_name`, `hf_from_mf`; tests check the round trip). The config comes from a config.json, a
+MindFormers yaml, or the tensor shapes. A directory of `rank_*/` files from a MindFormers run is
+merged with the tensor-parallel rule shared with `tc2.parallel.sharding.split_dim`; see
+`MindFormersCheckpoint`.
 """
 from __future__ import annotations
 
@@ -18,49 +19,14 @@ import mindspore as ms
 import numpy as np
 
 from tc2.checkpoint.hf import check_hf_layout, hf_arrays, hf_shapes
+from tc2.checkpoint.ms_ckpt import CkptFile, write_ckpt
+from tc2.checkpoint.names import hf_from_mf, hf_layer, hf_name, leaf_key, mf_name, tc2_from_hf
+from tc2.checkpoint.reader import Reader, read_slices
+from tc2.checkpoint.safetensors import WEIGHT_DTYPES, np_dtype, to_float32
 from tc2.config import ModelConfig, telechat2_7b, telechat2_35b, telechat2_115b
 from tc2.model import param_specs
-from tc2.checkpoint.ms_ckpt import CkptFile, write_ckpt
-from tc2.checkpoint.safetensors import WEIGHT_DTYPES, np_dtype, to_float32
 from tc2.parallel.sharding import split_dim
 from tc2.tree import tree_unflatten_from_names
-
-# ---- names: the one HF <-> MF table -----------------------------------------------------------
-_MF_TOP = {"transformer.word_embeddings.weight": "model.tok_embeddings.embedding_weight",
-           "transformer.ln_f.weight": "model.norm_out.weight", "lm_head.weight": "lm_head.weight"}
-_MF_LAYER = {"input_layernorm.weight": "attention_norm.weight",
-             "self_attention.query.weight": "attention.wq.weight",
-             "self_attention.key_value.weight": "attention.wk_v.weight",
-             "self_attention.dense.weight": "attention.wo.weight",
-             "self_attention.dense.bias": "attention.wo.bias",
-             "post_attention_layernorm.weight": "ffn_norm.weight",
-             "mlp.gate_proj.weight": "feed_forward.w1.weight",
-             "mlp.up_proj.weight": "feed_forward.w3.weight",
-             "mlp.down_proj.weight": "feed_forward.w2.weight",
-             "mlp.down_proj.bias": "feed_forward.w2.bias"}
-_HF_TOP = {v: k for k, v in _MF_TOP.items()}
-_HF_LAYER = {v: k for k, v in _MF_LAYER.items()}
-
-
-def mf_name(hf: str) -> str:
-    """'transformer.h.3.self_attention.key_value.weight' -> 'model.layers.3.attention.wk_v.weight'."""
-    if hf in _MF_TOP:
-        return _MF_TOP[hf]
-    m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", hf)
-    if m and m.group(2) in _MF_LAYER:
-        return f"model.layers.{m.group(1)}.{_MF_LAYER[m.group(2)]}"
-    raise KeyError(f"{hf!r} is not a TeleChat2 HF tensor name")
-
-
-def hf_from_mf(mf: str) -> Optional[str]:
-    """The HF name of an MF weight; None for anything else (optimizer moments, step counters)."""
-    if mf in _HF_TOP:
-        return _HF_TOP[mf]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", mf)
-    if m and m.group(2) in _HF_LAYER:
-        return f"transformer.h.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
-    return None
-
 
 # ---- configs ----------------------------------------------------------------------------------
 _RELEASES = {c.hidden_size: c for c in (telechat2_7b(), telechat2_35b(), telechat2_115b())}
@@ -102,8 +68,8 @@ def infer_config(shapes: Dict[str, Tuple[int, ...]], where: str, *, n_head: Opti
             raise KeyError(f"{where}: missing tensor {name}")
         return shapes[name]
 
-    layers = {int(m.group(1)) for n in shapes for m in [re.match(r"transformer\.h\.(\d+)\.", n)] if m}
-    V, H = shape("transformer.word_embeddings.weight")
+    layers = {hf_layer(n) for n in shapes} - {None}
+    V, H = shape(hf_name("word_embeddings"))
     release = _RELEASES.get(H)
     n_head = n_head or (release.n_head if release else None)
     if n_head is None:
@@ -112,7 +78,7 @@ def infer_config(shapes: Dict[str, Tuple[int, ...]], where: str, *, n_head: Opti
                          f"(--mf_yaml) or an HF config.json (--config)")
     if H % n_head:
         raise ValueError(f"{where}: hidden size {H} is not divisible by n_head={n_head}")
-    kv_rows = shape("transformer.h.0.self_attention.key_value.weight")[0]
+    kv_rows = shape(hf_name("layers.0.key_value"))[0]
     if kv_rows % (2 * (H // n_head)):
         raise ValueError(f"{where}: key_value has {kv_rows} rows, not a multiple of 2*head_dim="
                          f"{2 * (H // n_head)} (n_head={n_head} wrong?)")
@@ -120,7 +86,7 @@ def infer_config(shapes: Dict[str, Tuple[int, ...]], where: str, *, n_head: Opti
                                        ("layer_norm_epsilon", "training_seqlen", "base_seqlen", "seq_length")}
     kwargs = {**base, "vocab_size": V, "hidden_size": H, "n_layer": max(layers, default=-1) + 1,
               "n_head": n_head, "num_key_value_heads": kv_rows // (2 * (H // n_head)),
-              "ffn_hidden_size": shape("transformer.h.0.mlp.gate_proj.weight")[0], **fields}
+              "ffn_hidden_size": shape(hf_name("layers.0.gate_proj"))[0], **fields}
     try:
         cfg = ModelConfig(**kwargs)
     except (TypeError, ValueError) as e:
@@ -141,7 +107,7 @@ def resolve_config(shapes, where: str, *, config=None, n_head=None, yaml_fields=
 
 
 # ---- MindFormers checkpoints as full HF-named tensors -------------------------------------------
-def _ckpt_files(path: str, pattern: str) -> List[Tuple[int, str]]:
+def rank_ckpt_files(path: str, pattern: str) -> List[Tuple[int, str]]:
     """[(rank, .ckpt file)]: a file, a directory of rank_0..rank_{N-1}, or a dir with one .ckpt."""
     if os.path.isfile(path):
         return [(0, path)]
@@ -166,17 +132,18 @@ def _ckpt_files(path: str, pattern: str) -> List[Tuple[int, str]]:
     return out
 
 
-class MindFormersCheckpoint:
+class MindFormersCheckpoint(Reader):
     """A MindFormers checkpoint opened for reading as full tensors under HF names.
 
     `path`: a `.ckpt`, or a directory of `rank_*/` sub-directories (one `.ckpt` each, chosen by
     `pattern`) written by a MindFormers parallel run. Ranks holding the same tensor names form a
     pipeline stage; within a stage the model-parallel degree mp is the yaml's model_parallel or
-    hidden_size / (rows of a wq slice); ranks run tp fastest (Megatron order, as tc2.sharding),
-    so the stage's first mp ranks hold one full copy (the rest are data-parallel replicas). Each
-    tensor is split as `tc2.sharding.split_dim` says, except the embedding and lm_head, which
-    MindFormers keeps whole when vocab_emb_dp is set: that is read from the yaml, from the
-    vocab size, or, failing both, from whether ranks 0 and 1 hold identical copies.
+    hidden_size / (rows of a wq slice); ranks run tp fastest (Megatron order, as
+    `tc2.parallel.sharding`), so the stage's first mp ranks hold one full copy (the rest are
+    data-parallel replicas). Each tensor is split as `tc2.parallel.sharding.split_dim` says,
+    except the embedding and lm_head, which MindFormers keeps whole when vocab_emb_dp is set:
+    that is read from the yaml, from the vocab size, or, failing both, from whether ranks 0 and 1
+    hold identical copies.
     Non-weights (optimizer moments, counters) are listed in `ignored`.
     """
 
@@ -186,8 +153,8 @@ class MindFormersCheckpoint:
                  config=None, pattern: str = "*.ckpt", check_crc: bool = False):
         self.path = path
         self._files: Dict[int, CkptFile] = {}
-        try:
-            for rank, file in _ckpt_files(path, pattern):
+        with self.closing_on_error():
+            for rank, file in rank_ckpt_files(path, pattern):
                 self._files[rank] = CkptFile(file, check_crc=check_crc)
             fields, parallel = read_mf_yaml(mf_yaml) if mf_yaml else ({}, {})
             if config is not None and not isinstance(config, ModelConfig):
@@ -202,9 +169,6 @@ class MindFormersCheckpoint:
                                      f"MindFormers gives every rank whole heads, so these are not its shards")
             order = list(hf_shapes(self.config))
             self.tensors = {n: (tuple(shapes[n]), self._dtype[n]) for n in order}
-        except BaseException:
-            self.close()
-            raise
 
     def _plan_merge(self, mp_hint, vocab_emb_dp, vocab) -> Dict[str, Tuple[int, ...]]:
         weights = {r: {h: t for t in cf.entries for h in [hf_from_mf(t)] if h} for r, cf in self._files.items()}
@@ -251,7 +215,7 @@ class MindFormersCheckpoint:
                 if dtype not in WEIGHT_DTYPES:
                     raise ValueError(f"{self._files[members[0]].path}: {tag} is {dtype}, not a float weight")
                 dim = split_dim(hf) if mp > 1 else None
-                if dim is not None and hf in ("transformer.word_embeddings.weight", "lm_head.weight"):
+                if dim is not None and leaf_key(hf) in ("word_embeddings", "lm_head"):
                     if vocab is not None:
                         dim = None if shape[0] == vocab else dim
                     elif vocab_emb_dp is not None:
@@ -270,9 +234,10 @@ class MindFormersCheckpoint:
         for names, ranks in stages.items():
             r = ranks[0]
             for hf in sorted(names):
-                m = re.fullmatch(r"transformer\.h\.(\d+)\.self_attention\.query\.weight", hf)
-                norm = f"transformer.h.{m.group(1)}.input_layernorm.weight" if m else None
-                if m and norm in names:
+                if leaf_key(hf) != "query":
+                    continue
+                norm = hf_name(f"layers.{hf_layer(hf)}.input_layernorm")
+                if norm in names:
                     hidden = self._files[r].entries[weights[r][norm]][0][0]
                     rows = self._files[r].entries[weights[r][hf]][0][0]
                     if hidden % rows:
@@ -303,25 +268,11 @@ class MindFormersCheckpoint:
         if dim is None:
             file, tag = parts[0]
             return file.read(tag)
-        out = np.empty(self.tensors[name][0], np_dtype(self._dtype[name]))
-        step = out.shape[dim] // len(parts)
-        for i, (file, tag) in enumerate(parts):
-            index = (slice(None),) * dim + (slice(i * step, (i + 1) * step),)
-            if dim == 0:
-                file.read(tag, out=out[index])               # rows of a C array: contiguous
-            else:
-                out[index] = file.read(tag)
-        return out
+        return read_slices(parts, self.tensors[name][0], np_dtype(self._dtype[name]), dim)
 
     def close(self):
         for f in self._files.values():
             f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ---- the public pair ----------------------------------------------------------------------------
@@ -335,8 +286,8 @@ def load_mindformers(path_or_dir: str, *, n_head: Optional[int] = None, mf_yaml:
     with MindFormersCheckpoint(path_or_dir, n_head=n_head, mf_yaml=mf_yaml, config=config,
                                pattern=pattern) as ck:
         cfg = ck.config
-        tc2_of = {h: n for h, (_, n) in hf_shapes(cfg).items()}
-        flat = {tc2_of[h]: ms.Tensor(to_float32(ck.read(h), d)).astype(dtype) for h, (_, d) in ck.tensors.items()}
+        flat = {tc2_from_hf(h): ms.Tensor(to_float32(ck.read(h), d)).astype(dtype)
+                for h, (_, d) in ck.tensors.items()}
     return tree_unflatten_from_names(param_specs(cfg), flat), cfg
 
 

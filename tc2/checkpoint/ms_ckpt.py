@@ -8,8 +8,9 @@ indexed once (offsets only) and each tensor is read with `readinto`, and writing
 records tensor by tensor: a converter holds one tensor at a time. Tests check both directions
 against `ms.save_checkpoint` / `ms.load_checkpoint` (tests/test_mindformers.py).
 
-Arrays are raw, as in `tc2.safetensors_io`: bfloat16 as uint16 bits next to a dtype name.
-The MindFormers naming, config inference and rank merging on top of this is `tc2.mindformers`.
+Arrays are raw, as in `tc2.checkpoint.safetensors`: bfloat16 as uint16 bits next to a dtype
+name. The MindFormers naming, config inference and rank merging on top of this is
+`tc2.checkpoint.mindformers`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from tc2.checkpoint.reader import Reader
 from tc2.checkpoint.safetensors import WEIGHT_DTYPES, encoded_blocks, nbytes, np_dtype
 from tc2.files import atomic_file
 
@@ -75,7 +77,7 @@ def _bytes(f, span) -> bytes:
     return f.read(span[1])
 
 
-class CkptFile:
+class CkptFile(Reader):
     """One `.ckpt` indexed without reading its tensors: `entries[tag] = (shape, dtype, chunks)`."""
 
     def __init__(self, path: str, *, check_crc: bool = False):
@@ -83,11 +85,8 @@ class CkptFile:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"MindSpore checkpoint not found: {path}")
         self._f = open(path, "rb")
-        try:
+        with self.closing_on_error():
             self.entries = self._index(check_crc)
-        except BaseException:
-            self._f.close()
-            raise
 
     def _index(self, check_crc: bool) -> Dict[str, tuple]:
         f, size = self._f, os.fstat(self._f.fileno()).st_size
@@ -182,12 +181,6 @@ class CkptFile:
 
     def close(self):
         self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ---- .ckpt writing ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ tensor-parallel checkpoints all go through it), so peak memory is about the larg
 Arrays travel "raw": as stored, bfloat16 as uint16 bit patterns next to a dtype name
 ("float32", "bfloat16", ...). bfloat16 is converted with explicit bit arithmetic through
 float32 rather than a numpy bfloat16 dtype, which exists only when MindSpore registered one.
-The `.ckpt` writer (`tc2.ms_ckpt`) shares these conversions.
+The `.ckpt` writer (`tc2.checkpoint.ms_ckpt`) shares these conversions.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tc2.checkpoint.reader import Reader
 from tc2.files import atomic_file
 
 # ---- raw dtypes -----------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def read_header(path: str) -> dict:
         raise FileNotFoundError(f"safetensors file not found: {path}") from None
 
 
-class SafetensorsFile:
+class SafetensorsFile(Reader):
     """One safetensors file: header parsed and checked, tensors read one at a time.
 
     `read(name)` gives the raw array (bfloat16 as uint16 bits), `get(name)` a usable one
@@ -155,11 +156,8 @@ class SafetensorsFile:
             self._f = open(path, "rb")
         except FileNotFoundError:
             raise FileNotFoundError(f"safetensors file not found: {path}") from None
-        try:
+        with self.closing_on_error():
             self.header, self.metadata, self._data = _parse_header(self._f, path)
-        except BaseException:
-            self._f.close()
-            raise
 
     def shape_dtype(self, name: str) -> Tuple[Tuple[int, ...], str]:
         """(shape, dtype name) of tensor `name`."""
@@ -191,12 +189,6 @@ class SafetensorsFile:
 
     def close(self) -> None:
         self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""MindSpore semi-auto parallel data for Ascend, from the sharding rules of `tc2.sharding`.
+"""MindSpore semi-auto parallel data for Ascend, from the rules of `tc2.parallel.sharding`.
 
 `param_layouts` (mindspore.parallel.Layout per parameter), `param_strategies` (classic shard
 tuples), `pipeline_stages` and `op_strategies` (in-strategies of the block's primitives).

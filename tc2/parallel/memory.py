@@ -1,9 +1,9 @@
 """Per-device memory plan of a training layout: will it fit on the card?
 
-Built on the sharding rules (`tc2.sharding`), so the parameter counts are exactly what each
-rank holds: tp-split heads/ffn/vocab, the layers of its pipeline stage, the embedding on the
-first stage and ln_f/lm_head on the last. Every pipeline stage is planned; the plan reports
-the fullest one.
+Built on the sharding rules (`tc2.parallel.sharding`), so the parameter counts are exactly
+what each rank holds: tp-split heads/ffn/vocab, the layers of its pipeline stage, the embedding
+on the first stage and ln_f/lm_head on the last. Every pipeline stage is planned; the plan
+reports the fullest one.
 
 Formula (bytes per device of pipeline stage s; P_s = parameters the device holds):
 

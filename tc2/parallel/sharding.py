@@ -11,7 +11,7 @@ pp, batch over dp, sequence over cp). From that single table this module derives
 * the divisibility and collision checks, with errors that say which tensor and which size.
 
 Built on the same table: MindSpore `Layout`s / shard strategies for Ascend semi-auto parallel
-(`tc2.layouts`) and the per-device memory plan (`tc2.memory`).
+(`tc2.parallel.layouts`) and the per-device memory plan (`tc2.parallel.memory`).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from tc2.checkpoint.names import leaf_key
 from tc2.config import ModelConfig
 from tc2.model import DEFAULT_RULES, ParamSpec, param_specs
 from tc2.parallel.mesh import MESH_AXES, Mesh, ShardingError
@@ -265,40 +266,7 @@ def unshard_params(shards: Mapping[int, dict], cfg: ModelConfig, mesh: Mesh, rul
 
 
 # ---------------------------------------------------------------------------------------------
-# names: tc2 ("layers.3.query"), HF ("transformer.h.3.self_attention.query.weight"),
-# MindFormers ("model.layers.3.attention.wq.weight") -> leaf key
-_LEAF_ALIASES = {
-    # top level
-    "word_embeddings": "word_embeddings", "tok_embeddings": "word_embeddings",
-    "ln_f": "ln_f", "norm_out": "ln_f", "lm_head": "lm_head",
-    # per layer: tc2 / HF / MF spellings
-    "input_layernorm": "input_layernorm", "attention_norm": "input_layernorm",
-    "query": "query", "wq": "query", "key_value": "key_value", "wk_v": "key_value",
-    "dense": "dense", "wo": "dense",
-    "post_attention_layernorm": "post_attention_layernorm", "ffn_norm": "post_attention_layernorm",
-    "gate_proj": "gate_proj", "w1": "gate_proj", "up_proj": "up_proj", "w3": "up_proj",
-    "down_proj": "down_proj", "w2": "down_proj",
-}
-_BIASED = {"dense": "dense_bias", "down_proj": "down_proj_bias"}
-
-
-def leaf_key(name: str) -> str:
-    """The tc2 leaf key ("query", "dense_bias", "lm_head", ...) of a tc2, HF or MF tensor name."""
-    parts = name.split(".")
-    if parts and parts[-1] in ("dense_bias", "down_proj_bias"):
-        return parts[-1]
-    bias = parts[-1] == "bias"
-    for p in reversed(parts):
-        if p in _LEAF_ALIASES:
-            key = _LEAF_ALIASES[p]
-            if bias:
-                if key not in _BIASED:
-                    raise KeyError(f"{name!r}: TeleChat2 has no bias on {key}")
-                return _BIASED[key]
-            return key
-    raise KeyError(f"{name!r} is not a TeleChat2 parameter name (tc2, HF or MindFormers spelling)")
-
-
+# tensor names -> split dims
 def _leaf_axes() -> Dict[str, Tuple[str, ...]]:
     specs = param_specs(ModelConfig(vocab_size=8, hidden_size=8, n_layer=1, n_head=2,
                                     num_key_value_heads=1, ffn_hidden_size=8))
@@ -313,7 +281,8 @@ _AXES_BY_LEAF = _leaf_axes()
 def split_dim(name: str, axis: str = "tp", rules=None) -> Optional[int]:
     """Which dim of tensor `name` the mesh axis `axis` splits (None: replicated along it).
 
-    Shared by SPMD slicing and by name-keyed checkpoint split/merge tools: with the default
+    Shared by SPMD slicing and by name-keyed checkpoint split/merge tools: `name` is in any
+    spelling `tc2.checkpoint.names.leaf_key` reads (tc2, HF, MindFormers); with the default
     rules, split_dim("transformer.h.0.self_attention.query.weight") == 0 (column parallel),
     split_dim("model.layers.0.attention.wo.weight") == 1 (row parallel), norms/biases None.
     """

@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import mindspore as ms
 import numpy as np
 
-from tc2.checkpoint.hf import hf_name, load_hf, write_hf_dir
+from tc2.checkpoint.hf import load_hf, write_hf_dir
+from tc2.checkpoint.names import hf_name
 from tc2.checkpoint.safetensors import SafetensorsFile, SafetensorsWriter, read_header
 from tc2.config import ModelConfig
 from tc2.context import LOCAL, ParallelContext
