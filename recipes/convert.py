@@ -9,8 +9,8 @@
     python recipes/convert.py verify    TeleChat2-7B/ telechat2_7b.ckpt [--atol 0]
 
 Replaces MindFormers' convert_weight.py / convert_reversed.py / transform_ckpt.py for TeleChat2.
-A thin shell over `tc2.convert` (formats, split rules, atomic writes: see that module) and
-`tc2.mindformers` (.ckpt files and rank-directory merging). Every conversion streams one tensor
+A thin shell over `tc2.checkpoint.convert` (formats, split rules, atomic writes: see that module) and
+`tc2.checkpoint.mindformers` (.ckpt files and rank-directory merging). Every conversion streams one tensor
 at a time and shows progress on stderr; exit code 0 = done, 1 = verify found differences,
 2 = error (the message names the file / tensor; the destination is left untouched).
 """
@@ -21,7 +21,8 @@ from typing import Literal, Optional
 
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from tc2.checkpoint.convert import convert_checkpoint, export_training_checkpoint, verify_checkpoints
+from tc2.checkpoint.convert import convert_checkpoint, verify_checkpoints
+from tc2.train.checkpoints import export_training_checkpoint
 
 DType = Literal["float32", "float16", "bfloat16"]
 

@@ -4,7 +4,7 @@
 
 The corpus is a UTF-8 text file (one sentence per line) or a jsonl file whose lines carry
 "text" (pretraining), "input"/"output" (MindFormers) or "dialog" (official SFT) fields.
-A thin shell over `tc2.tokenizer.train_tokenizer`; the result has the TeleChat special pieces
+A thin shell over `tc2.data.tokenizer.train_tokenizer`; the result has the TeleChat special pieces
 at ids 0-12, digits at 18-27, byte fallback and split digits, like the release's tokenizer.
 """
 from __future__ import annotations

@@ -11,8 +11,8 @@ the parallel path with nothing to exchange: one model, one step, one loop at eve
   attention becomes the ring loop over `rotate`;
 * data parallel (dp): a rank holds some rows; gradients and loss sums meet in `sum_dpcp`.
 
-Built under msrun by `tc2.parallel.spmd_context(mesh)` (process groups, the custom-bprop
-collectives); `tc2.parallel.local_context(cp)` simulates a ring in one process with the cp
+Built under msrun by `tc2.parallel.collectives.spmd_context(mesh)` (process groups, the custom-bprop
+collectives); `tc2.parallel.collectives.local_context(cp)` simulates a ring in one process with the cp
 ranks folded into the batch. Host-side, `local_batch` cuts this process's share out of a
 global batch, so every process can be handed the same global batch.
 """

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Tuple
 import mindspore as ms
 from mindspore import ops
 
-from tc2.tree import global_norm, tree_map
+from tc2.tree import global_norm, tree_map, tree_names
 
 # --------------------------------------------------------------------------- schedules
 
@@ -100,15 +100,6 @@ def clip_by_global_norm(max_norm: float = 1.0) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def _names(tree, prefix):
-    """Dotted leaf names ("layers.0.dense_bias") as a pytree of str; graph-friendly."""
-    if isinstance(tree, dict):
-        return {k: _names(tree[k], prefix + k + ".") for k in tree}
-    if isinstance(tree, tuple):
-        return tuple([_names(tree[i], prefix + str(i) + ".") for i in range(len(tree))])
-    return prefix[:-1]
-
-
 def _is_matrix(p):
     return p.ndim >= 2
 
@@ -132,7 +123,7 @@ def exclude_names(*substrings: str) -> Callable:
         return not hit
 
     def mask(params):
-        return tree_map(keep, _names(params, ""))
+        return tree_map(keep, tree_names(params))
     return mask
 
 

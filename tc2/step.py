@@ -41,6 +41,7 @@ from typing import Any, Optional
 
 import mindspore as ms
 import numpy as np
+from einops import rearrange
 from mindspore import ops
 
 from tc2.config import IGNORE_INDEX, ModelConfig
@@ -133,7 +134,7 @@ def split_micro_batches(batch: dict, k: int) -> dict:
         a = v.asnumpy() if isinstance(v, ms.Tensor) else np.asarray(v)
         if a.shape[0] % k:
             raise ValueError(f"batch of {a.shape[0]} rows does not split into {k} micro-batches")
-        out[name] = a.reshape((k, a.shape[0] // k) + a.shape[1:])
+        out[name] = rearrange(a, "(k b) ... -> k b ...", k=k)                    # rows in order
     return out
 
 

@@ -76,6 +76,20 @@ def tree_flatten_with_names(tree, prefix: str = "") -> dict:
     return {prefix[:-1]: tree}
 
 
+def tree_names(tree):
+    """The dotted name of every leaf ("layers.0.dense_bias"), as a pytree of str like `tree`.
+    Unlike `tree_flatten_with_names` it compiles in graph mode (masks built inside ms.jit)."""
+    return _names_below(tree, "")
+
+
+def _names_below(tree, prefix):
+    if isinstance(tree, dict):
+        return {k: _names_below(tree[k], prefix + k + ".") for k in tree}
+    if isinstance(tree, tuple):
+        return tuple([_names_below(tree[i], prefix + str(i) + ".") for i in range(len(tree))])
+    return prefix[:-1]
+
+
 def tree_unflatten_from_names(like, flat: dict):
     """Inverse of `tree_flatten_with_names` into the structure of `like`; exact name match."""
     names = tree_flatten_with_names(like)

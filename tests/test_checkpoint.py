@@ -106,10 +106,10 @@ def test_reads_bf16_written_by_mindspore(tmp_path):
     a = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
     ms.save_checkpoint([{"name": "x", "data": ms.Tensor(a).astype(ms.bfloat16)}], str(tmp_path / "x.safetensors"),
                        format="safetensors")
-    from tc2.checkpoint.safetensors import open_safetensors
-    with open_safetensors(str(tmp_path / "x.safetensors")) as (header, get):
-        assert header["x"]["dtype"] == "BF16"
-        np.testing.assert_allclose(get("x"), a, rtol=2 ** -8)
+    from tc2.checkpoint.safetensors import SafetensorsFile
+    with SafetensorsFile(str(tmp_path / "x.safetensors")) as f:
+        assert f.header["x"]["dtype"] == "BF16"
+        np.testing.assert_allclose(f.get("x"), a, rtol=2 ** -8)
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -121,9 +121,9 @@ def _saved(params, tmp_path, **kw):
 
 
 def _rewrite(path, drop=None, add=None, reshape=None):
-    from tc2.checkpoint.safetensors import open_safetensors
-    with open_safetensors(str(path / SINGLE)) as (header, get):
-        arrays = {n: get(n) for n in header}
+    from tc2.checkpoint.safetensors import SafetensorsFile
+    with SafetensorsFile(str(path / SINGLE)) as f:
+        arrays = {n: f.get(n) for n in f.header}
     if drop:
         del arrays[drop]
     if add:

@@ -285,20 +285,6 @@ def convert_checkpoint(src: str, dest: str, *, to: str, dtype: str = "float32", 
                          tuple(getattr(ck, "ignored", ())))
 
 
-def export_training_checkpoint(src: str, dest: str, **kwargs) -> Converted:
-    """The weights of a tc2 training checkpoint -> an HF directory (`kwargs`: dtype,
-    max_shard_size, progress). `src` is a `step_*` directory, or a run directory whose newest
-    complete one is taken; either is first checked against the file sizes in its state.json."""
-    from tc2.train.checkpoints import latest_checkpoint, list_checkpoints, validate_checkpoint
-    path = src
-    if list_checkpoints(src):
-        path, refused = latest_checkpoint(src)
-        if path is None:
-            raise ValueError(f"{src}: no complete step_* checkpoint ({refused[0]})")
-    validate_checkpoint(path)
-    return convert_checkpoint(path, dest, to="hf", expect=("hf",), **kwargs)
-
-
 # ---- verify -------------------------------------------------------------------------------------------
 @dataclass
 class VerifyReport:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from contextlib import contextmanager
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -189,13 +188,6 @@ class SafetensorsFile(Reader):
 
     def close(self) -> None:
         self._f.close()
-
-
-@contextmanager
-def open_safetensors(path: str):
-    """A reader whose `get(name)` returns a float32/float16/... numpy array (bf16 -> float32)."""
-    with SafetensorsFile(path) as f:
-        yield f.header, f.get
 
 
 # ---- writing --------------------------------------------------------------------------------

@@ -11,7 +11,7 @@
 
 The template is written out in Python (no jinja dependency); `template_segments` also tells
 which text is an answer, which the fine-tuning data needs for its loss mask. It only needs a
-tokenizer with `encode` and the special ids, so it does not import `tc2.tokenizer`.
+tokenizer with `encode` and the special ids, so it does not import `tc2.data.tokenizer`.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ The rotation is injected, so the same loop runs everywhere:
   rank's slot. Differentiable through AllReduce's own backward (R x the traffic of a shift).
 * `neighbor_rotation(...)`: NeighborExchange for Ascend (not available on CPU).
 
-Layouts (`sequence_index`): "contiguous" gives rank r the r-th of R equal chunks; "zigzag"
+Layouts (`sequence_index`, `fold_ranks`; host-side rearrangements written with einops, which
+cannot run inside ms.jit): "contiguous" gives rank r the r-th of R equal chunks; "zigzag"
 cuts the sequence into 2R chunks and gives rank r chunks r and 2R-1-r, so every rank does the
 same causal work. Sequences are padded to a multiple of the chunk count with position PAD_POS,
 which no real query attends to.
@@ -25,6 +26,7 @@ from typing import Callable, Tuple
 
 import mindspore as ms
 import numpy as np
+from einops import rearrange
 from mindspore import ops
 
 from tc2.nn.attention import attention_with_lse, merge_partials
@@ -175,27 +177,27 @@ def fold_ranks(x: np.ndarray, ring_size: int, layout: str = "zigzag", pad_value=
     """Host side: [B, T, ...] -> [R*B, Tp/R, ...], padded and dealt out to the ranks (rank-major).
 
     The input of an in-process ring (`roll_rotation`); rank r's rows are what rank r of a real
-    context-parallel group would hold.
+    context-parallel group would hold: contiguous chunk r, or zigzag chunks r and 2R-1-r.
     """
     x = np.asarray(x)
     B, T = x.shape[:2]
     Tp = padded_length(T, ring_size, layout)
     if Tp > T:
         x = np.concatenate([x, np.full((B, Tp - T) + x.shape[2:], pad_value, x.dtype)], axis=1)
-    parts = [x[:, sequence_index(T, ring_size, r, layout)] for r in range(ring_size)]
-    return np.concatenate(parts, axis=0)
+    if layout == "contiguous" or ring_size == 1:
+        return rearrange(x, "b (r c) ... -> (r b) c ...", r=ring_size)
+    chunks = rearrange(x, "b (n c) ... -> n b c ...", n=2 * ring_size)               # [2R, B, c, ...]
+    pairs = np.stack([chunks[:ring_size], chunks[::-1][:ring_size]], axis=2)        # [R, B, 2, c, ...]
+    return rearrange(pairs, "r b two c ... -> (r b) (two c) ...")
 
 
 def unfold_ranks(y: np.ndarray, ring_size: int, seq_len: int, layout: str = "zigzag", axis: int = 1) -> np.ndarray:
     """Inverse of `fold_ranks` for a per-token result whose sequence axis is `axis` (padding dropped)."""
-    y = np.asarray(y)
-    parts = np.split(y, ring_size, axis=0)                                   # R x [B, ..., Tl, ...]
-    ordered = np.concatenate(parts, axis=axis)                               # ring order along axis
-    perm = ring_permutation(seq_len, ring_size, layout)
-    out = np.empty_like(ordered)
-    idx = [slice(None)] * ordered.ndim
-    idx[axis] = perm
-    out[tuple(idx)] = ordered
-    keep = [slice(None)] * ordered.ndim
-    keep[axis] = slice(0, seq_len)
-    return out[tuple(keep)]
+    y = np.moveaxis(np.asarray(y), axis, 1)                                          # [R*B, Tl, ...]
+    if layout == "contiguous" or ring_size == 1:
+        out = rearrange(y, "(r b) c ... -> b (r c) ...", r=ring_size)
+    else:
+        pairs = rearrange(y, "(r b) (two c) ... -> r b two c ...", r=ring_size, two=2)
+        chunks = np.concatenate([pairs[:, :, 0], pairs[::-1, :, 1]], axis=0)        # [2R, B, c, ...]
+        out = rearrange(chunks, "n b c ... -> b (n c) ...")
+    return np.moveaxis(out[:, :seq_len], 1, axis)

@@ -180,16 +180,19 @@ def local_slices(cfg: ModelConfig, ctx) -> Dict[str, Shard]:
     return tree_flatten_with_names(param_slices(cfg, mesh, 0 if ctx.folded else ctx.rank))
 
 
+def shadowed_param(name: str, params) -> Optional[str]:
+    """The parameter a state leaf shadows: `name` itself, or the parameter name it ends with (an
+    optimizer moment "mu.layers.0.query" has the shape and the slice of "layers.0.query");
+    None when it shadows none (e.g. the optimizer's step count). `params`: the names."""
+    if name in params:
+        return name
+    return next((p for p in params if name.endswith("." + p)), None)
+
+
 def leaf_slice(name: str, slices: Dict[str, Shard]) -> Optional[Shard]:
-    """The Shard of parameter `name`, or of the parameter a state leaf shadows (an optimizer
-    moment "mu.layers.0.query" has the shape and the slice of "layers.0.query"); None when
-    `name` shadows no parameter (e.g. the optimizer's step count)."""
-    if name in slices:
-        return slices[name]
-    for p, shard in slices.items():
-        if name.endswith("." + p):
-            return shard
-    return None
+    """The Shard of parameter `name`, or of the parameter a state leaf shadows (None: replicated)."""
+    param = shadowed_param(name, slices)
+    return None if param is None else slices[param]
 
 
 def _as_numpy(x):

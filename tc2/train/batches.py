@@ -85,7 +85,7 @@ def train_batch(rows: Mapping[str, np.ndarray], pad_id: int) -> Dict[str, np.nda
 
 
 class TrainBatches:
-    """Shifted train batches over a row iterator (e.g. tc2.records.BatchIterator), passing its
+    """Shifted train batches over a row iterator (e.g. tc2.data.records.BatchIterator), passing its
     `state_dict()` / `load_state_dict()` cursor through for exact resume."""
 
     def __init__(self, rows_iter, pad_id: int):

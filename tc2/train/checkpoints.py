@@ -29,15 +29,17 @@ from typing import Any, Dict, List, Optional, Tuple
 import mindspore as ms
 import numpy as np
 
+from tc2.checkpoint.convert import convert_checkpoint
 from tc2.checkpoint.hf import load_hf, write_hf_dir
 from tc2.checkpoint.names import hf_name
-from tc2.checkpoint.safetensors import SafetensorsFile, SafetensorsWriter, read_header
+from tc2.checkpoint.reader import Reader, read_slices
+from tc2.checkpoint.safetensors import SafetensorsFile, SafetensorsWriter, np_dtype, read_header
 from tc2.config import ModelConfig
 from tc2.context import LOCAL, ParallelContext
 from tc2.files import atomic_file, fsync_path, write_json_atomic
 from tc2.model import param_specs
 from tc2.optim import GradientTransformation
-from tc2.parallel.sharding import leaf_slice, local_slices
+from tc2.parallel.sharding import leaf_slice, local_slices, shadowed_param
 from tc2.step import TrainState
 from tc2.tree import tree_flatten_with_names, tree_unflatten_from_names
 
@@ -120,44 +122,44 @@ def _write_flat(path: str, flat: Dict[str, ms.Tensor], metadata=None) -> None:
             w.write(name, _numpy(flat[name]))
 
 
-class _MergedShards(_Tensors):
-    """Full tensors read from the tp shards' files, one tensor at a time, concatenated along the
-    dimension where a shard's shape differs from the full one (heads, ffn, vocab)."""
+class _MergedShards(_Tensors, Reader):
+    """Full tensors read from the tp shards' files one tensor at a time, each rank's slice read
+    into its place along the dimension where a shard's shape differs from the full one."""
 
     def __init__(self, shards: str, tp: int, cfg: ModelConfig):
         self.cfg, self.files = cfg, []
-        for r in range(tp):
-            for f in ("params.safetensors", OPTIMIZER_FILE):
-                self.files.append(SafetensorsFile(os.path.join(shards, f"rank_{r}", f)))
+        with self.closing_on_error():
+            for r in range(tp):
+                for f in ("params.safetensors", OPTIMIZER_FILE):
+                    self.files.append(SafetensorsFile(os.path.join(shards, f"rank_{r}", f)))
         self.param_files, self.opt_files = self.files[0::2], self.files[1::2]
-        full = {n: s.shape for n, s in tree_flatten_with_names(param_specs(cfg)).items()}
-        self.full = full
-        self.opt_shapes = {n: self._full_shape(n, self.opt_files[0].shape_dtype(n)[0])
-                           for n in self.opt_files[0].header}
+        self.full = {n: tuple(s.shape) for n, s in tree_flatten_with_names(param_specs(cfg)).items()}
 
-    def _full_shape(self, name: str, local: Tuple[int, ...]) -> Tuple[int, ...]:
-        param = name if name in self.full else next((p for p in self.full if name.endswith("." + p)), None)
-        return local if param is None else tuple(self.full[param])
-
-    def _merge(self, files, name: str, full: Tuple[int, ...]) -> np.ndarray:
-        parts = [f.get(name) for f in files]
-        diff = [d for d, (a, b) in enumerate(zip(parts[0].shape, full)) if a != b]
-        return parts[0] if not diff else np.concatenate(parts, axis=diff[0])
+    def _merge(self, files, name: str) -> np.ndarray:
+        local, dtype = files[0].shape_dtype(name)
+        param = shadowed_param(name, self.full)
+        full = local if param is None else self.full[param]
+        diff = [d for d, (a, b) in enumerate(zip(local, full)) if a != b]
+        if not diff:                                     # replicated: every rank holds the same
+            return files[0].read(name)
+        return read_slices([(f, name) for f in files], full, np_dtype(dtype), diff[0])
 
     def hf_arrays(self):
-        for n, shape in self.full.items():
-            yield hf_name(n), self._merge(self.param_files, n, shape)
+        for n in self.full:
+            yield hf_name(n), self._merge(self.param_files, n)
 
     def opt_entries(self):
-        return [(n, shape, self.opt_files[0].shape_dtype(n)[1]) for n, shape in self.opt_shapes.items()]
+        out = []
+        for n in self.opt_files[0].header:
+            local, dtype = self.opt_files[0].shape_dtype(n)
+            param = shadowed_param(n, self.full)
+            out.append((n, local if param is None else self.full[param], dtype))
+        return out
 
     def opt_array(self, name: str) -> np.ndarray:
-        return self._merge(self.opt_files, name, self.opt_shapes[name])
+        return self._merge(self.opt_files, name)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def close(self) -> None:
         for f in self.files:
             f.close()
 
@@ -316,6 +318,20 @@ def prune_checkpoints(directory: str, keep: int) -> List[str]:
     for path in doomed:
         shutil.rmtree(path)
     return doomed
+
+
+def export_training_checkpoint(src: str, dest: str, **kwargs):
+    """The weights of a tc2 training checkpoint -> an HF directory (`kwargs`: dtype,
+    max_shard_size, progress of `convert_checkpoint`). `src` is a `step_*` directory, or a run
+    directory whose newest complete one is taken; either is first checked against the file
+    sizes in its state.json."""
+    path = src
+    if list_checkpoints(src):
+        path, refused = latest_checkpoint(src)
+        if path is None:
+            raise ValueError(f"{src}: no complete step_* checkpoint ({refused[0]})")
+    validate_checkpoint(path)
+    return convert_checkpoint(path, dest, to="hf", expect=("hf",), **kwargs)
 
 
 # --------------------------------------------------------------------------- load
