@@ -20,7 +20,7 @@ from typing import Optional
 import mindspore as ms
 from mindspore import ops
 
-NEG = -1e30          # a finite "minus infinity": removed tokens get probability exactly 0
+from tc2.nn.attention import NEG     # a finite "minus infinity": removed tokens get probability exactly 0
 
 
 @dataclass(frozen=True)
