@@ -21,8 +21,8 @@ from mindspore import ops
 from tc2.cache import PAD_POS, cache_slots, write_slots
 from tc2.config import IGNORE_INDEX, ModelConfig
 from tc2.context import LOCAL, ParallelContext
-from tc2.nn import apply_rope, attention, linear, rms_norm, rope_cos_sin, swiglu
-from tc2.nn.ring import ring_attention
+from tc2.layer import decoder_layer
+from tc2.nn import linear, rms_norm, rope_cos_sin
 from tc2.tree import tree_leaves, tree_map, tree_unflatten
 
 
@@ -96,45 +96,22 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
     return tree_unflatten(specs, [make(s) for s in tree_leaves(specs)])
 
 
-def _embed(table, tokens, ctx: ParallelContext):
-    """Embedding rows; under tp the table holds rows [r*V/tp, (r+1)*V/tp): other ids give zeros
-    here and g sums the shards."""
+def embed(table, tokens, ctx: ParallelContext = LOCAL):
+    """Embedding rows as the float32 residual stream [B, T, H]. Under tp the table holds rows
+    [r*V/tp, (r+1)*V/tp): other ids give zeros here and g sums the shards."""
     if ctx.tp == 1:
-        return ops.gather(table, tokens, 0)                                          # [B, T, H]
+        return ops.gather(table, tokens, 0).astype(ms.float32)                       # [B, T, H]
     n = table.shape[0]
     local = tokens - ctx.tp_rank * n
     inside = ops.logical_and(local >= 0, local < n)
     e = ops.gather(table, ops.where(inside, local, 0), 0)                            # [B, T, H]
-    return ctx.reduce_tp(e * inside.expand_dims(-1).astype(e.dtype))
+    return ctx.reduce_tp(e * inside.expand_dims(-1).astype(e.dtype)).astype(ms.float32)
 
 
-def _block(p, x, cos, sin, positions, cfg: ModelConfig, ctx: ParallelContext, kv_cache, segment_ids):
-    """One pre-norm decoder layer on this rank's heads and ffn columns. The residual stream x
-    stays float32 (and whole: row-parallel outputs are summed over tp by g); matmuls run in
-    the compute dtype."""
-    dt = cfg.compute_dtype
-    B, T = positions.shape
-    D = cfg.head_dim
-    n_q, n_kv = p["query"].shape[0] // D, p["key_value"].shape[0] // (2 * D)          # local heads
-    h = ctx.copy_tp(rms_norm(x, p["input_layernorm"], cfg.layer_norm_epsilon).astype(dt))   # [B, T, H]
-    q = apply_rope(linear(h, p["query"]).reshape(B, T, n_q, D), cos, sin)             # [B, T, nq, D]
-    kv = linear(h, p["key_value"]).reshape(B, T, n_kv, 2 * D)                          # [B, T, nkv, 2D]
-    k, v = apply_rope(kv[..., :D], cos, sin), kv[..., D:]                              # [B, T, nkv, D]
-    if kv_cache is not None:                # (k_buf, v_buf, slot idx, slot hit, slot positions)
-        k_buf, v_buf, idx, hit, kv_pos = kv_cache
-        k, v = write_slots(k_buf, k, idx, hit), write_slots(v_buf, v, idx, hit)         # [B, Tmax, nkv, D]
-        a = attention(q, k, v, positions, kv_pos)
-    elif ctx.cp > 1:
-        a, _ = ring_attention(q, k, v, positions, positions, rotate=ctx.rotate, ring_size=ctx.cp,
-                              q_segment=segment_ids, kv_segment=segment_ids)
-        a = a.astype(q.dtype)
-    else:
-        a = attention(q, k, v, positions, positions, q_segment=segment_ids, kv_segment=segment_ids)
-    a = ctx.reduce_tp(linear(a.reshape(B, T, n_q * D), p["dense"]))                     # [B, T, H]
-    x = x + (a + p["dense_bias"].astype(dt)).astype(ms.float32)
-    h = ctx.copy_tp(rms_norm(x, p["post_attention_layernorm"], cfg.layer_norm_epsilon).astype(dt))
-    m = ctx.reduce_tp(swiglu(h, p["gate_proj"], p["up_proj"], p["down_proj"]))          # [B, T, H]
-    return x + (m + p["down_proj_bias"].astype(dt)).astype(ms.float32), (k, v)
+def head(top, x, cfg: ModelConfig, ctx: ParallelContext = LOCAL):
+    """Final norm and lm_head: logits [B, T, V/tp] in the compute dtype. top: {"ln_f", "lm_head"}."""
+    x = rms_norm(x, top["ln_f"], cfg.layer_norm_epsilon).astype(cfg.compute_dtype)
+    return linear(ctx.copy_tp(x), top["lm_head"])                                     # [B, T, V/tp]
 
 
 def forward(params, tokens, cfg: ModelConfig, *, positions=None, cache=None, segment_ids=None,
@@ -166,16 +143,15 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, cache=None, seg
     if cache is not None:
         idx, hit = cache_slots(cache["length"], T, cache["pos"].shape[1])
         kv_pos = write_slots(cache["pos"], positions, idx, hit)                           # [B, Tmax]
-    x = _embed(params["word_embeddings"], tokens, ctx).astype(ms.float32)                # [B, T, H]
+    x = embed(params["word_embeddings"], tokens, ctx)                                    # [B, T, H]
     new_k, new_v = (), ()
     for i in range(len(params["layers"])):
         kv_cache = None if cache is None else (cache["k"][i], cache["v"][i], idx, hit, kv_pos)
-        x, (k, v) = _block(params["layers"][i], x, cos, sin, positions, cfg, ctx, kv_cache, segment_ids)
+        x, (k, v), _ = decoder_layer(params["layers"][i], x, cos, sin, positions, cfg, ctx, kv_cache, segment_ids)
         new_k, new_v = new_k + (k,), new_v + (v,)
     if last_only:
         x = x[:, -1:]                                                                    # [B, 1, H]
-    x = rms_norm(x, params["ln_f"], cfg.layer_norm_epsilon).astype(cfg.compute_dtype)
-    logits = linear(ctx.copy_tp(x), params["lm_head"])                                  # [B, T, V/tp]
+    logits = head(params, x, cfg, ctx)                                                   # [B, T, V/tp]
     if cache is None:
         return logits, None
     return logits, {"k": new_k, "v": new_v, "pos": kv_pos, "length": cache["length"] + T}
@@ -232,6 +208,11 @@ def _vocab_parallel_cross_entropy_sum(logits, labels, ctx: ParallelContext):
     picked = ctx.reduce_tp(picked.squeeze(1) * mine.astype(ms.float32))               # [N]
     keepf = keep.astype(ms.float32)
     return ((ops.log(sumexp) + mx - picked) * keepf).sum(), keepf.sum()
+
+
+def head_loss_sum(top, x, labels, cfg: ModelConfig, ctx: ParallelContext = LOCAL):
+    """Sum of token losses of the final hidden states x (this process's share; replicated over tp)."""
+    return cross_entropy_sum(head(top, x, cfg, ctx), labels, ctx)[0]
 
 
 def loss_sums(params, tokens, labels, cfg: ModelConfig, *, positions=None, segment_ids=None,

@@ -73,10 +73,16 @@ def as_schedule(lr) -> Callable:
 @dataclass(frozen=True)
 class GradientTransformation:
     """A pair of pure functions (plus an optional lr reporter). Inside `ms.jit`, take the
-    functions out first (graph mode cannot read attributes of this object)."""
+    functions out first (graph mode cannot read attributes of this object).
+
+    `elementwise`: each parameter's update depends on that parameter's gradient and state only
+    (and shared scalars such as the step count), so the train step may apply it to one layer
+    at a time (`tc2.update`). A transformation that looks across parameters (a global-norm
+    clip) must leave it False."""
     init: Callable                                   # params -> state
     update: Callable                                 # (grads, state, params) -> (updates, state)
     learning_rate: Optional[Callable] = None         # state -> lr of the next update, or None
+    elementwise: bool = False
 
 
 def apply_updates(params, updates):
@@ -112,9 +118,16 @@ def decay_matrices(params):
 
 def exclude_names(*substrings: str) -> Callable:
     """A mask function: decay every parameter whose dotted name (e.g. "layers.0.dense_bias",
-    "ln_f") contains none of `substrings`. Example: exclude_names("norm", "bias", "ln_f")."""
+    "ln_f") contains none of `substrings`. Example: exclude_names("norm", "bias", "ln_f").
+
+    The train step updates one layer at a time, where every layer is named "layers.0...":
+    match the names of tensors, not layer indices (a substring with a digit is refused)."""
     if not substrings:
         raise ValueError("exclude_names needs at least one substring")
+    numbered = [s for s in substrings if any(c.isdigit() for c in s)]
+    if numbered:
+        raise ValueError(f"exclude_names({numbered[0]!r}): match tensor names (norm, bias, ln_f, "
+                         "word_embeddings, ...), not layer indices")
 
     def keep(name):
         hit = False
@@ -194,7 +207,7 @@ def adamw(learning_rate=1e-3, b1: float = 0.9, b2: float = 0.95, eps: float = 1e
     def current_lr(state):
         return schedule(state["count"])
 
-    return GradientTransformation(init, update, current_lr)
+    return GradientTransformation(init, update, current_lr, elementwise=mask is None or callable(mask))
 
 
 def _zeros_f32(p):
@@ -226,7 +239,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def current_lr(state):
         return lr_fn(state[lr_index])
 
-    return GradientTransformation(init, update, current_lr if with_lr else None)
+    return GradientTransformation(init, update, current_lr if with_lr else None,
+                                  elementwise=all(t.elementwise for t in transforms))
 
 
 # --------------------------------------------------------------------------- from a config

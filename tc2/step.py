@@ -46,12 +46,16 @@ from mindspore import ops
 
 from tc2.config import IGNORE_INDEX, ModelConfig
 from tc2.context import LOCAL, ParallelContext
-from tc2.model import loss_sums, tp_sharded
-from tc2.optim import GradientTransformation, apply_updates
-from tc2.tree import global_norm, tree_map
+from tc2.layer import RECOMPUTE
+from tc2.layerwise import layerwise_grads, zeros_like_f32
+from tc2.model import loss_sums
+from tc2.optim import GradientTransformation
+from tc2.tree import tree_map
+from tc2.update import apply_gradients
 
 BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids")
 LOCAL_KEYS = BATCH_KEYS + ("seq_len",)         # what `ParallelContext.local_batch` adds
+DEFAULT_RECOMPUTE = "selective"                # layer by layer; see tc2.layerwise
 
 
 @dataclass(frozen=True)
@@ -152,20 +156,6 @@ def _objective(params, tokens, labels, positions, segment_ids, seq_len, weight, 
     return loss_sum * weight, loss_sum
 
 
-def _keep_if(ok, new, old):
-    """`new` if the scalar bool `ok` else `old` (whole pytrees), as graph control flow.
-
-    Not a leaf-wise `ops.where(ok, new, old)`: on MindSpore 2.10 CPU the output of a
-    broadcasting elementwise op is never reused within a graph, so a where per leaf holds
-    several extra copies of the parameters and the optimizer state for the whole step.
-    """
-    if ok:
-        out = new
-    else:
-        out = old
-    return out
-
-
 def _sum_dpcp(x, ctx: ParallelContext):
     """Sum a scalar over the data x context group (the identity in one process)."""
     if ctx.dp * ctx.cp == 1 or ctx.folded:
@@ -173,45 +163,12 @@ def _sum_dpcp(x, ctx: ParallelContext):
     return ctx.sum_dpcp(x.reshape(1))[0]
 
 
-def _finish(update, current_lr, ls: Optional[LossScaleConfig], clip_norm, ctx, sharded, params, opt_state,
-            step, scale_state, grads, loss_sum, inv_count):
-    """Reduce over dp x cp, unscale, norm, clip, AdamW (via `update`), skip if not finite,
-    update the loss scale."""
-    if ctx.dp * ctx.cp > 1 and not ctx.folded:
-        grads = tree_map(ctx.sum_dpcp, grads)
-    loss = _sum_dpcp(loss_sum, ctx) * inv_count
-    if scale_state is not None:
-        inv_scale = 1.0 / scale_state["scale"]
-        grads = tree_map(lambda g: g * inv_scale, grads)
-    lr = inv_count * 0.0 if current_lr is None else current_lr(opt_state)
-    gnorm = global_norm(grads, sharded, ctx.sum_tp)                             # unscaled, pre-clip
-    if clip_norm is not None:
-        factor = clip_norm / ops.maximum(gnorm, clip_norm)                      # 1 when gnorm <= clip
-        grads = tree_map(lambda g: g * factor, grads)
-    ok = ops.logical_and(ops.isfinite(gnorm), ops.isfinite(loss))
-    updates, new_opt = update(grads, opt_state, params)
-    new_params = apply_updates(params, updates)
-    params, opt_state = _keep_if(ok, (new_params, new_opt), (params, opt_state))
-    if scale_state is not None:
-        scale, good = scale_state["scale"], scale_state["good_steps"] + 1
-        grow = good >= ls.growth_interval
-        grown = ops.where(grow, scale * ls.factor, scale)
-        shrunk = ops.maximum(scale / ls.factor, ls.min_scale)
-        scale_state = {"scale": ops.where(ok, grown, shrunk),
-                       "good_steps": ops.where(ok, ops.where(grow, 0, good), 0).astype(ms.int32)}
-    return params, opt_state, step + 1, scale_state, (loss, gnorm, lr, ok)
-
-
-def _value_and_grad(cfg: ModelConfig, ctx: ParallelContext):
-    def objective(params, tokens, labels, positions, segment_ids, seq_len, weight):
-        return _objective(params, tokens, labels, positions, segment_ids, seq_len, weight, cfg, ctx)
-    return ms.value_and_grad(objective, grad_position=0, has_aux=True)
-
-
 @functools.lru_cache(maxsize=16)
 def _compiled_grad(cfg: ModelConfig, ctx: ParallelContext):
-    """acc + d(weight * loss_sum)/d params for one micro-batch; shared by every optimizer."""
-    value_and_grad = _value_and_grad(cfg, ctx)
+    """acc + d(weight * loss_sum)/d params for one micro-batch: the whole model as one graph."""
+    def objective(params, tokens, labels, positions, segment_ids, seq_len, weight):
+        return _objective(params, tokens, labels, positions, segment_ids, seq_len, weight, cfg, ctx)
+    value_and_grad = ms.value_and_grad(objective, grad_position=0, has_aux=True)
 
     @ms.jit
     def grad_step(params, acc, tokens, labels, positions, segment_ids, seq_len, weight):
@@ -219,32 +176,6 @@ def _compiled_grad(cfg: ModelConfig, ctx: ParallelContext):
         return tree_map(lambda a, g: a + g, acc, grads), loss_sum
 
     return grad_step
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled_step(cfg: ModelConfig, optimizer: GradientTransformation, ls: Optional[LossScaleConfig],
-                   clip_norm: Optional[float], ctx: ParallelContext):
-    """(fused step for k = 1, apply step after accumulation), jitted, for one configuration."""
-    value_and_grad = _value_and_grad(cfg, ctx)
-    update, current_lr = optimizer.update, optimizer.learning_rate     # graph mode: no attributes
-    sharded = tp_sharded(cfg) if ctx.tp > 1 else None                  # norm: tp shards summed once
-
-    def finish(params, opt_state, step, scale_state, grads, loss_sum, inv_count):
-        return _finish(update, current_lr, ls, clip_norm, ctx, sharded, params, opt_state, step, scale_state,
-                       grads, loss_sum, inv_count)
-
-    @ms.jit
-    def fused_step(params, opt_state, step, scale_state, tokens, labels, positions, segment_ids, seq_len,
-                   inv_count):
-        weight = inv_count if scale_state is None else inv_count * scale_state["scale"]
-        (_, loss_sum), grads = value_and_grad(params, tokens, labels, positions, segment_ids, seq_len, weight)
-        return finish(params, opt_state, step, scale_state, grads, loss_sum, inv_count)
-
-    @ms.jit
-    def apply_step(params, opt_state, step, scale_state, grads, loss_sum, inv_count):
-        return finish(params, opt_state, step, scale_state, grads, loss_sum, inv_count)
-
-    return fused_step, apply_step
 
 
 def _mut(tree):
@@ -262,37 +193,44 @@ def _local_micro_batches(batch: dict, ctx: ParallelContext):
     return parts, n_loss, int(mb["tokens"].size)
 
 
-def _accumulate(params, parts, cfg: ModelConfig, ctx: ParallelContext, weight):
-    """(sum over micro-batches of d(weight * loss_sum)/d params, float32; local loss_sum)."""
-    grad_step = _compiled_grad(cfg, ctx)
-    acc = tree_map(lambda p: ops.zeros(p.shape, ms.float32), params)
+def _accumulate(params, parts, cfg: ModelConfig, ctx: ParallelContext, weight, recompute: str):
+    """(sum over micro-batches of d(weight * loss_sum)/d params, float32; local loss_sum):
+    one unrolled graph for the whole model (recompute "none"), or layer by layer."""
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    acc = zeros_like_f32(params)
     loss_sum = ms.Tensor(0.0, ms.float32)
-    params = ms.mutable(params)
     for part in parts:
-        acc, s = grad_step(params, ms.mutable(acc), *part, weight)
+        if recompute == "none":
+            acc, s = _compiled_grad(cfg, ctx)(ms.mutable(params), ms.mutable(acc), *part, weight)
+        else:
+            acc, s = layerwise_grads(params, acc, part, weight, cfg, ctx, recompute)
         loss_sum = loss_sum + s
     return acc, loss_sum
 
 
-def grads_and_loss(params, batch: dict, cfg: ModelConfig, *, ctx: ParallelContext = LOCAL):
+def grads_and_loss(params, batch: dict, cfg: ModelConfig, *, ctx: ParallelContext = LOCAL,
+                   recompute: str = "none"):
     """(gradient of the batch's token-mean loss w.r.t. this process's params (float32 tree, not
     yet summed over dp x cp), this process's share of that loss (float), global loss-token
     count), accumulated over the batch's micro-batches exactly as `train_step` does."""
     parts, n_loss, _ = _local_micro_batches(batch, ctx)
     inv_count = ms.Tensor(1.0 / max(n_loss, 1), ms.float32)
-    grads, loss_sum = _accumulate(params, parts, cfg, ctx, inv_count)
+    grads, loss_sum = _accumulate(params, parts, cfg, ctx, inv_count, recompute)
     return grads, float((loss_sum * inv_count).asnumpy()), n_loss
 
 
 def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: GradientTransformation,
                loss_scale: Optional[LossScaleConfig] = None, *, clip_norm: Optional[float] = None,
-               ctx: ParallelContext = LOCAL):
+               ctx: ParallelContext = LOCAL, recompute: str = DEFAULT_RECOMPUTE):
     """One optimizer step over the GLOBAL batch's k micro-batches -> (new state, metrics).
 
     clip_norm: scale the gradients to at most this global norm before the optimizer (each tp
-    shard counted once; None: no clipping). metrics (host floats, equal on every process):
-    loss (token mean over the whole batch), grad_norm (before clipping), lr (used by this
-    update), tokens (k*B*T), loss_tokens, skipped (1.0 if the update was left out:
+    shard counted once; None: no clipping). recompute: "selective" / "full" compute the
+    gradients layer by layer (`tc2.layerwise`: one compiled layer, activations kept as the mode
+    says), "none" as one graph of the whole model. metrics (host floats, equal on every
+    process): loss (token mean over the whole batch), grad_norm (before clipping), lr (used by
+    this update), tokens (k*B*T), loss_tokens, skipped (1.0 if the update was left out:
     non-finite gradients), loss_scale (when scaling). `state` is not modified. `loss_scale`
     must be the config the state was initialised with (None: no scaling).
     """
@@ -303,23 +241,16 @@ def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: Grad
         raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
     parts, n_loss, n_tokens = _local_micro_batches(batch, ctx)
     inv_count = ms.Tensor(1.0 / max(n_loss, 1), ms.float32)
-    fused_step, apply_step = _compiled_step(cfg, optimizer, loss_scale, clip_norm, ctx)
-    scale = _mut(state.loss_scale)
-    if len(parts) == 1:
-        out = fused_step(ms.mutable(state.params), ms.mutable(state.opt_state), state.step, scale,
-                         *parts[0], inv_count)
-    else:
-        weight = inv_count if scale is None else inv_count * state.loss_scale["scale"]
-        grads, loss_sum = _accumulate(state.params, parts, cfg, ctx, weight)
-        out = apply_step(ms.mutable(state.params), ms.mutable(state.opt_state), state.step, scale,
-                         ms.mutable(grads), loss_sum, inv_count)
-    params, opt_state, step, scale_state, (loss, gnorm, lr, ok) = out
-    new_state = TrainState(params=params, opt_state=opt_state, step=step, loss_scale=scale_state)
-    metrics = {"loss": float(loss.asnumpy()), "grad_norm": float(gnorm.asnumpy()),
-               "lr": float(lr.asnumpy()), "tokens": n_tokens, "loss_tokens": n_loss,
-               "skipped": 0.0 if bool(ok.asnumpy()) else 1.0}
-    if scale_state is not None:
-        metrics["loss_scale"] = float(scale_state["scale"].asnumpy())
+    weight = inv_count if state.loss_scale is None else inv_count * state.loss_scale["scale"]
+    grads, loss_sum = _accumulate(state.params, parts, cfg, ctx, weight, recompute)
+    params, opt_state, d = apply_gradients(state.params, state.opt_state, state.loss_scale, grads, loss_sum,
+                                           inv_count, cfg, optimizer, loss_scale, clip_norm, ctx)
+    new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1, loss_scale=d.loss_scale)
+    metrics = {"loss": float(d.loss.asnumpy()), "grad_norm": float(d.grad_norm.asnumpy()),
+               "lr": float(d.lr.asnumpy()), "tokens": n_tokens, "loss_tokens": n_loss,
+               "skipped": 0.0 if bool(d.ok.asnumpy()) else 1.0}
+    if d.loss_scale is not None:
+        metrics["loss_scale"] = float(d.loss_scale["scale"].asnumpy())
     return new_state, metrics
 
 

@@ -109,21 +109,21 @@ def global_norm(tree, sharded=None, sum_shards=None):
     identical on every rank, are counted once.
     """
     if sharded is None:
-        return ops.sqrt(_sum_squares(tree, None, True))
-    split = sum_shards(_sum_squares(tree, sharded, True).reshape(1))[0]
-    return ops.sqrt(_sum_squares(tree, sharded, False) + split)
+        return ops.sqrt(sum_squares(tree, None, True))
+    split = sum_shards(sum_squares(tree, sharded, True).reshape(1))[0]
+    return ops.sqrt(sum_squares(tree, sharded, False) + split)
 
 
-def _sum_squares(tree, mask, want: bool):
-    """Sum of squares over the leaves whose mask is `want` (every leaf when mask is None)."""
+def sum_squares(tree, mask, want: bool):
+    """Sum of squares (float32) over the leaves whose mask is `want` (every leaf when mask is None)."""
     total = ms.Tensor(0.0, ms.float32)
     if isinstance(tree, dict):
         for k in tree:                       # insertion order; `sorted(tree)` is empty in graph
-            total = total + _sum_squares(tree[k], None if mask is None else mask[k], want)
+            total = total + sum_squares(tree[k], None if mask is None else mask[k], want)
         return total
     if isinstance(tree, tuple):
         for i in range(len(tree)):
-            total = total + _sum_squares(tree[i], None if mask is None else mask[i], want)
+            total = total + sum_squares(tree[i], None if mask is None else mask[i], want)
         return total
     if mask is not None and mask != want:
         return total

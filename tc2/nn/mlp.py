@@ -4,6 +4,10 @@ from mindspore import ops
 from tc2.nn.linear import linear
 
 
+def gated(g, u):
+    """silu(g) * u: the SwiGLU activation of the gate and up projections."""
+    return ops.silu(g) * u
+
+
 def swiglu(x, w_gate, w_up, w_down, b_down=None):
-    h = ops.silu(linear(x, w_gate)) * linear(x, w_up)                # [..., F]
-    return linear(h, w_down, b_down)                                  # [..., H]
+    return linear(gated(linear(x, w_gate), linear(x, w_up)), w_down, b_down)      # [..., H]
