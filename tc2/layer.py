@@ -30,9 +30,14 @@ from tc2.nn.ring import ring_attention
 RECOMPUTE = ("none", "selective", "full")
 
 
+def _norm(x, w, cfg: ModelConfig):
+    """RMSNorm of the float32 residual stream, cast to the compute dtype."""
+    return rms_norm(x, w, cfg.layer_norm_epsilon).astype(cfg.compute_dtype)            # [B, T, H]
+
+
 def _norm_in(x, w, cfg: ModelConfig, ctx: ParallelContext):
-    """RMSNorm of the float32 residual stream, cast to the compute dtype, entering a tp region (f)."""
-    return ctx.copy_tp(rms_norm(x, w, cfg.layer_norm_epsilon).astype(cfg.compute_dtype))   # [B, T, H]
+    """`_norm`, entering a tensor-parallel region (f: identity forward, sum over tp backward)."""
+    return ctx.copy_tp(_norm(x, w, cfg))
 
 
 def _attention_core(q, kv, cos, sin, positions, segment_ids, cfg: ModelConfig, ctx: ParallelContext,
@@ -95,13 +100,13 @@ def layer_backward_selective(p, x, saved, cos, sin, positions, segment_ids, dy, 
     def act(g_, u_):
         return _dot(gated(g_, u_), dm)
     dg, du = ms.grad(act, grad_position=(0, 1))(g, u)
-    n2 = _norm_in(h, p["post_attention_layernorm"], cfg, ctx)
+    n2 = _norm(h, p["post_attention_layernorm"], cfg)         # f is the identity forward ...
     dn_g, grads["gate_proj"] = linear_backward(n2, p["gate_proj"], dg)
     dn_u, grads["up_proj"] = linear_backward(n2, p["up_proj"], du)
-    dn2 = dn_g + dn_u
+    dn2 = ctx.sum_tp(dn_g + dn_u)                             # ... and sums over tp backward
 
     def norm2(h_, w_):
-        return _dot(_norm_in(h_, w_, cfg, ctx), dn2)
+        return _dot(_norm(h_, w_, cfg), dn2)
     dh_n, grads["post_attention_layernorm"] = ms.grad(norm2, grad_position=(0, 1))(h, p["post_attention_layernorm"])
     dh = dy + dh_n
     dhc = dh.astype(dt)
@@ -111,20 +116,25 @@ def layer_backward_selective(p, x, saved, cos, sin, positions, segment_ids, dy, 
     def core(q_, kv_):
         return _dot(_attention_core(q_, kv_, cos, sin, positions, segment_ids, cfg, ctx)[0], da)
     dq, dkv = ms.grad(core, grad_position=(0, 1))(q, kv)
-    n1 = _norm_in(x, p["input_layernorm"], cfg, ctx)
+    n1 = _norm(x, p["input_layernorm"], cfg)
     dn_q, grads["query"] = linear_backward(n1, p["query"], dq)
     dn_kv, grads["key_value"] = linear_backward(n1, p["key_value"], dkv)
-    dn1 = dn_q + dn_kv
+    dn1 = ctx.sum_tp(dn_q + dn_kv)
 
     def norm1(x_, w_):
-        return _dot(_norm_in(x_, w_, cfg, ctx), dn1)
+        return _dot(_norm(x_, w_, cfg), dn1)
     dx_n, grads["input_layernorm"] = ms.grad(norm1, grad_position=(0, 1))(x, p["input_layernorm"])
     return dh + dx_n, {k: grads[k] for k in p}
 
 
-def layer_backward_full(p, x, cos, sin, positions, segment_ids, dy, cfg: ModelConfig, ctx: ParallelContext):
-    """(dx, grads of p) of `decoder_layer` given dy, recomputing the layer from its input."""
-    def out(p_, x_):
-        return _dot(decoder_layer(p_, x_, cos, sin, positions, cfg, ctx, None, segment_ids)[0], dy)
-    dp, dx = ms.grad(out, grad_position=(0, 1))(p, x)
-    return dx, dp
+def layer_backward_full(cfg: ModelConfig, ctx: ParallelContext):
+    """A function (p, x, cos, sin, positions, segment_ids, dy) -> (grads of p, dx) of
+    `decoder_layer`, recomputing the layer from its input.
+
+    Built outside the jitted caller on purpose: differentiating a closure defined inside a
+    traced function that reaches the custom-bprop collectives (f, g) fails in MindSpore 2.10
+    ("The parameters number of the function is 7, but the number of provided arguments is 2").
+    """
+    def out(p, x, cos, sin, positions, segment_ids, dy):
+        return _dot(decoder_layer(p, x, cos, sin, positions, cfg, ctx, None, segment_ids)[0], dy)
+    return ms.grad(out, grad_position=(0, 1))

@@ -81,9 +81,11 @@ def compiled_graphs(cfg: ModelConfig, ctx: ParallelContext, recompute: str) -> _
         dx, dp = layer_backward_selective(p, x, saved, cos, sin, positions, segment_ids, dy, cfg, ctx)
         return dx, _add(acc, dp)
 
+    full_grad = layer_backward_full(cfg, ctx)
+
     @ms.jit
     def layer_bwd_recompute(p, acc, x, cos, sin, positions, segment_ids, dy):
-        dx, dp = layer_backward_full(p, x, cos, sin, positions, segment_ids, dy, cfg, ctx)
+        dp, dx = full_grad(p, x, cos, sin, positions, segment_ids, dy)
         return dx, _add(acc, dp)
 
     def embed_dot(table, tokens, dx):

@@ -168,6 +168,10 @@ def main():
             if case == "tp":
                 res.update(flat(grads2, "tp_gathered_grad"))
         st = init_train_state(local, OPT)
+        if case in ("tp", "cp"):                   # the other recompute modes from the same state
+            for mode in ("none", "full"):
+                _, m = train_step(st, b0, CFG, OPT, clip_norm=CLIP, ctx=ctx, recompute=mode)
+                res[f"{case}/m1_{mode}"] = np.array([m["loss"], m["grad_norm"]])
         st, m = train_step(st, b0, CFG, OPT, clip_norm=CLIP, ctx=ctx)
         res.update(flat(st.params, f"{case}_step1"))
         res[f"{case}/m1"] = np.array([m["loss"], m["grad_norm"]])

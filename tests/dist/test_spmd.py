@@ -158,6 +158,8 @@ def test_tp2_logits_and_gradients_equal_single_process(two):
                      "tp=2 grads through the all-gathered logits", atol=1e-7)
         _check_local(_group(res, "tp_step1"), _group(ref, "ref_step1"), Mesh(tp=2), r, "tp=2 params after a step")
         np.testing.assert_allclose(res["tp/m1"], ref["ref/m1"], rtol=1e-5, err_msg="(loss, grad_norm)")
+        for mode in ("none", "full"):              # every recompute mode under tp
+            np.testing.assert_allclose(res[f"tp/m1_{mode}"], ref["ref/m1"], rtol=1e-5, err_msg=mode)
 
 
 def test_tp2_checkpoint_per_rank_merges_to_single_process_params(two):
@@ -178,6 +180,8 @@ def test_cp2_ring_loss_logits_and_gradients_equal_single_process(two):
         _check_local(_group(two[r], "cp_grad"), _group(ref, "ref_grad"), Mesh(cp=2), r, "cp=2 grads", atol=1e-7)
         _check_local(_group(two[r], "cp_step1"), _group(ref, "ref_step1"), Mesh(cp=2), r, "cp=2 params after a step")
         np.testing.assert_allclose(two[r]["cp/m1"], ref["ref/m1"], rtol=1e-5, err_msg="(loss, grad_norm)")
+        for mode in ("none", "full"):              # every recompute mode under cp (ring attention)
+            np.testing.assert_allclose(two[r][f"cp/m1_{mode}"], ref["ref/m1"], rtol=1e-5, err_msg=mode)
 
 
 def test_tp2_cp2_train_step_equals_single_process(four):
