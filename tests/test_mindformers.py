@@ -313,3 +313,20 @@ def test_qkv_concat_layout_is_refused_clearly(params, tmp_path):
     ms.save_checkpoint(items, path)
     with pytest.raises(ValueError, match="w_qkv.weight is MindFormers' qkv_concat layout"):
         load_mindformers(path, n_head=4)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("- a\n- b\n", r"no model\.model_config section"),
+    ("model:\n  model_config: [1, 2]\n", r"model\.model_config must be a mapping, got list"),
+    ("model:\n  model_config:\n    num_heads: '4'\n", r"model\.model_config\.num_heads must be a positive int, "
+                                                      r"got '4' \(str\)"),
+    ("model:\n  model_config:\n    rms_norm_eps: 1e-5\n", r"model\.model_config\.rms_norm_eps must be a finite "
+                                                          r"number > 0, got '1e-5' \(str\)"),
+    ("parallel_config: 8\nmodel:\n  model_config:\n    num_heads: 4\n", r"parallel_config must be a mapping"),
+])
+def test_malformed_mf_yaml_names_file_and_key(params, tmp_path, text, message):
+    path = str(tmp_path / "tiny.ckpt")
+    save_mindformers(as_tree(params), CFG, path)
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises((KeyError, ValueError), match=r"run\.yaml: " + message):
+        load_mindformers(path, mf_yaml=str(tmp_path / "run.yaml"))

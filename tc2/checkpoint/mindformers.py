@@ -23,7 +23,7 @@ from tc2.checkpoint.ms_ckpt import CkptFile, write_ckpt
 from tc2.checkpoint.names import hf_from_mf, hf_layer, hf_name, leaf_key, mf_name, tc2_from_hf
 from tc2.checkpoint.reader import Reader, read_slices
 from tc2.checkpoint.safetensors import WEIGHT_DTYPES, np_dtype, to_float32
-from tc2.config import ModelConfig, telechat2_7b, telechat2_35b, telechat2_115b
+from tc2.config import ModelConfig, field_problem, telechat2_7b, telechat2_35b, telechat2_115b
 from tc2.model import param_specs
 from tc2.parallel.sharding import split_dim
 from tc2.tree import tree_unflatten_from_names
@@ -47,10 +47,19 @@ def read_mf_yaml(path: str) -> Tuple[dict, dict]:
         raise FileNotFoundError(f"MindFormers yaml not found: {path}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
-    mc = (doc.get("model") or {}).get("model_config") or {}
+    model = doc.get("model") if isinstance(doc, dict) else None
+    mc = model.get("model_config") if isinstance(model, dict) else None
     if not mc:
         raise KeyError(f"{path}: no model.model_config section (is this a MindFormers yaml?)")
+    for section, value in (("model.model_config", mc), ("parallel_config", doc.get("parallel_config")),
+                           ("parallel", doc.get("parallel"))):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{path}: {section} must be a mapping, got {type(value).__name__}")
     fields = {ours: mc[theirs] for theirs, ours in _MF_KEYS.items() if mc.get(theirs) is not None}
+    for theirs, ours in _MF_KEYS.items():
+        problem = field_problem(ours, fields[ours], fields.get("vocab_size", 131072)) if ours in fields else None
+        if problem:
+            raise ValueError(f"{path}: model.model_config.{theirs} {problem}")
     if "seq_length" in fields:
         fields.update(training_seqlen=fields["seq_length"], base_seqlen=fields["seq_length"])
     return fields, dict(doc.get("parallel_config") or {})
