@@ -428,3 +428,42 @@ def test_peak_memory_of_streaming_conversions(big_hf_dir, tmp_path):
     assert all(v <= limit for v in measured.values()), report
     assert _peak_increase(src, "", control=True) > size        # the instrument sees a non-streaming reader
     assert verify_checkpoints(src, str(tmp_path / "hf")).ok
+
+
+def test_parse_size_accepts_units_and_refuses_anything_else():
+    from tc2.checkpoint.safetensors import parse_size
+    assert [parse_size(v) for v in (None, 1000, "5GB", "500mb", " 2 GiB", "1.5KB", "7")] == \
+        [None, 1000, 5 * 10**9, 500 * 10**6, 2 * 2**30, 1500, 7]
+    for bad in ("five", "", "GB", "-5GB", "0", "nan", "infGB", "5 parsecs", True, 0, -3, 2.5, [5]):
+        with pytest.raises(ValueError, match=r"max_shard_size: cannot read .* as a size \(a positive number"):
+            parse_size(bad)
+
+
+def test_recipe_refuses_a_bad_shard_size_before_writing(hf_dir, tmp_path, capsys):
+    ckpt = str(tmp_path / "m.ckpt")
+    convert_checkpoint(hf_dir, ckpt, to="mf", progress=False)
+    assert _recipe().main(["mf-to-hf", ckpt, str(tmp_path / "out"), "--config", hf_dir,
+                           "--max_shard_size", "five", "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: max_shard_size: cannot read 'five' as a size (a positive number of bytes, or " \
+                          "one with a unit: 5GB, 500MB, 2GiB)"
+    assert sorted(os.listdir(tmp_path)) == ["m.ckpt"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.update(tp=0), r'"tp" must be a positive int, got 0'),
+    (lambda d: d.update(tp="2"), r'"tp" must be a positive int, got \'2\''),
+    (lambda d: d.update(tensors=[1]), r'no "tensors" object'),
+    (lambda d: d["tensors"]["lm_head.weight"].update(split_dim=5), r"tensor lm_head\.weight: "),
+    (lambda d: d["tensors"]["lm_head.weight"].update(shape="512x64"), r"tensor lm_head\.weight: "),
+])
+def test_malformed_tp_layout_names_the_file(hf_dir, tmp_path, change, message):
+    tp_dir = str(tmp_path / "tp2")
+    convert_checkpoint(hf_dir, tp_dir, to="tp", tp=2, progress=False)
+    layout_path = os.path.join(tp_dir, "tp_layout.json")
+    doc = json.load(open(layout_path))
+    change(doc)
+    json.dump(doc, open(layout_path, "w"))
+    with pytest.raises(ValueError, match=r"tp_layout\.json: not a tc2 tensor-parallel layout \(" + message):
+        convert_checkpoint(tp_dir, str(tmp_path / "merged"), to="hf", progress=False)
+    assert not os.path.exists(tmp_path / "merged")

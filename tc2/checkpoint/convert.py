@@ -38,7 +38,7 @@ from tc2.checkpoint.ms_ckpt import write_ckpt
 from tc2.checkpoint.names import mf_name
 from tc2.checkpoint.reader import Reader, read_slices
 from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, np_dtype,
-                                        read_header, to_float32)
+                                        parse_size, read_header, to_float32)
 from tc2.config import ModelConfig
 from tc2.files import StagedDir
 from tc2.parallel.sharding import split_dim
@@ -100,14 +100,8 @@ class TPCheckpoint(Reader):
     def __init__(self, path: str, **_):
         self.path = path
         layout_path = os.path.join(path, LAYOUT)
-        try:
-            with open(layout_path, encoding="utf-8") as f:
-                layout = json.load(f)
-            tp, specs = int(layout["tp"]), layout["tensors"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{layout_path}: not a tc2 tensor-parallel layout ({e!r})") from None
+        tp, self._layout = _read_tp_layout(layout_path)
         self.config = ModelConfig.from_hf(path)
-        self._layout = {n: (tuple(s["shape"]), s["split_dim"]) for n, s in specs.items()}
         check_hf_layout(self.config, {n: s for n, (s, _) in self._layout.items()}, layout_path)
         self._ranks: List[SafetensorsFile] = []
         with self.closing_on_error():
@@ -139,6 +133,31 @@ class TPCheckpoint(Reader):
     def close(self):
         for f in self._ranks:
             f.close()
+
+
+def _read_tp_layout(layout_path: str) -> Tuple[int, Dict[str, Tuple[Tuple[int, ...], Optional[int]]]]:
+    """(tp, {name: (full shape, split dim or None)}) of a tp_layout.json, every JSON type checked."""
+    def bad(why):
+        return ValueError(f"{layout_path}: not a tc2 tensor-parallel layout ({why})")
+    try:
+        with open(layout_path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(e) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict):
+        raise bad('no "tensors" object')
+    tp = doc.get("tp")
+    if type(tp) is not int or tp < 1:
+        raise bad(f'"tp" must be a positive int, got {tp!r}')
+    layout = {}
+    for name, spec in doc["tensors"].items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        dim = spec.get("split_dim") if isinstance(spec, dict) else None
+        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or
+                not (dim is None or (type(dim) is int and 0 <= dim < len(shape)))):
+            raise bad(f"tensor {name}: {spec!r}")
+        layout[name] = (tuple(shape), dim)
+    return tp, layout
 
 
 def open_checkpoint(path: str, **hints):
@@ -258,6 +277,7 @@ def convert_checkpoint(src: str, dest: str, *, to: str, dtype: str = "float32", 
         raise ValueError(f"to must be one of {FORMATS}, got {to!r}")
     if dtype not in WEIGHT_DTYPES:
         raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
+    parse_size(max_shard_size)                      # a bad size fails before any work
     if os.path.exists(dest) and os.path.realpath(dest) == os.path.realpath(src):
         raise ValueError(f"destination {dest} is the source: write to a new path")
     with open_checkpoint(src, **hints) as ck:

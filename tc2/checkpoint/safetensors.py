@@ -314,13 +314,26 @@ def plan_shards(sizes: Iterable[Tuple[str, int]], max_shard_bytes) -> list:
     return shards
 
 
-def parse_size(size) -> int:
-    """'5GB' / '500MB' / 1000 -> bytes (HF's max_shard_size convention, decimal units)."""
-    if size is None or isinstance(size, int):
-        return size
-    s = str(size).strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
-                       ("KB", 10**3), ("B", 1)):
+def parse_size(size) -> Optional[int]:
+    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (HF's max_shard_size convention, decimal units);
+    None stays None. Anything else (a word, a negative or zero size, NaN) is a ValueError
+    naming the value."""
+    if size is None:
+        return None
+    bad = ValueError(f"max_shard_size: cannot read {size!r} as a size (a positive number of bytes, or "
+                     f"one with a unit: 5GB, 500MB, 2GiB)")
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise bad
+    s, mult = str(size).strip().upper(), 1
+    for unit, m in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                    ("KB", 10**3), ("B", 1)):
         if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+            s, mult = s[: -len(unit)].strip(), m
+            break
+    try:
+        value = float(s)
+    except ValueError:
+        raise bad from None
+    if not math.isfinite(value) or int(value * mult) < 1:
+        raise bad
+    return int(value * mult)
