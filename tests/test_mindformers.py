@@ -330,3 +330,26 @@ def test_malformed_mf_yaml_names_file_and_key(params, tmp_path, text, message):
     (tmp_path / "run.yaml").write_text(text)
     with pytest.raises((KeyError, ValueError), match=r"run\.yaml: " + message):
         load_mindformers(path, mf_yaml=str(tmp_path / "run.yaml"))
+
+
+def test_ckpt_records_that_disagree_or_overflow_are_refused(tmp_path):
+    """Hand-written records: a same-name record of another shape glued on (MindSpore's continuation
+    records repeat the tensor's dims and type), and dims whose product overflows int64."""
+    from tc2.checkpoint import ms_ckpt
+    one = str(tmp_path / "one.ckpt")
+    write_ckpt(one, [("w", np.zeros((4, 2), np.float32), "float32")])
+    other = str(tmp_path / "other.ckpt")
+    write_ckpt(other, [("w", np.zeros((2, 2), np.float32), "float32")])
+    glued = tmp_path / "glued.ckpt"
+    glued.write_bytes(open(one, "rb").read() + open(other, "rb").read())
+    with pytest.raises(ValueError, match=r"glued\.ckpt: tensor 'w' is split into records that disagree on its "
+                                         r"shape or type \(\[4, 2\] Float32, then \[2, 2\] Float32\)"):
+        CkptFile(str(glued))
+    tag, type_name = b"w", b"Float32"
+    dims = b"".join(b"\x08" + ms_ckpt._varint(d) for d in (2 ** 32, 2 ** 32, 4))
+    tensor = dims + ms_ckpt._ld(2, len(type_name)) + type_name + ms_ckpt._ld(3, 0)
+    value = ms_ckpt._ld(1, len(tag)) + tag + ms_ckpt._ld(2, len(tensor)) + tensor
+    (tmp_path / "huge.ckpt").write_bytes(ms_ckpt._ld(1, len(value)) + value)
+    with pytest.raises(ValueError, match=r"huge\.ckpt: tensor 'w' holds 0 bytes, but its shape \(4294967296, "
+                                         r"4294967296, 4\) of Float32 needs 295147905179352825856"):
+        CkptFile(str(tmp_path / "huge.ckpt"))

@@ -134,7 +134,11 @@ class CkptFile(Reader):
             if type_name is None or content is None:
                 raise ValueError(f"{self.path}: corrupt MindSpore checkpoint (tensor {tag!r} lacks its "
                                  f"type or data)")
-            if tag == last:
+            if tag == last:                              # MindSpore's continuation of a big tensor
+                if (dims, type_name) != tuple(entries[tag][:2]):
+                    raise ValueError(f"{self.path}: tensor {tag!r} is split into records that disagree on its "
+                                     f"shape or type ({entries[tag][0]} {entries[tag][1]}, then {dims} "
+                                     f"{type_name}): the file is corrupt")
                 entries[tag][2].append(content)
             elif tag in entries:
                 raise ValueError(f"{self.path}: tensor {tag!r} appears twice")
