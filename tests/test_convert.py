@@ -3,6 +3,7 @@
 Reference values come from elsewhere than the code under test: safetensors' and MindSpore's
 own readers, MindSpore's casts for dtype rounding, numpy slicing for the Megatron split.
 """
+import errno
 import importlib.util
 import json
 import os
@@ -467,3 +468,64 @@ def test_malformed_tp_layout_names_the_file(hf_dir, tmp_path, change, message):
     with pytest.raises(ValueError, match=r"tp_layout\.json: not a tc2 tensor-parallel layout \(" + message):
         convert_checkpoint(tp_dir, str(tmp_path / "merged"), to="hf", progress=False)
     assert not os.path.exists(tmp_path / "merged")
+
+
+# ---- a full disk, a read-only directory, a killed writer ----------------------------------------------
+class _FullDisk:
+    """A file object whose writes fail once `room` bytes are written, as on a full disk: the
+    OSError of write() names no file."""
+
+    def __init__(self, f, room):
+        self._f, self._room = f, room
+
+    def write(self, data):
+        self._room -= memoryview(data).nbytes
+        if self._room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _failing_open(mode_of_failure, room=50_000):
+    real_open = open
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if "w" not in mode:
+            return real_open(path, mode, *args, **kwargs)
+        if mode_of_failure == "read-only":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return _FullDisk(real_open(path, mode, *args, **kwargs), room)
+    return fake_open
+
+
+@pytest.mark.parametrize("failure", ["full disk", "read-only"])
+@pytest.mark.parametrize("command,dest,written", [
+    ("mf-to-hf", "existing", "model.safetensors"), ("mf-to-hf", "new/dir", "model.safetensors"),
+    ("hf-to-mf", "new/dir/m.ckpt", "m.ckpt"), ("split", "existing", "rank_0/model.safetensors")])
+def test_unwritable_destination_is_one_line_naming_the_file(hf_dir, tmp_path, monkeypatch, capsys, failure,
+                                                           command, dest, written):
+    """Tests run as root, where chmod does not stop writes: the writers' open() is made to fail as
+    a full disk (ENOSPC from write(), no file name) or a read-only filesystem (EROFS) would."""
+    from tc2 import files
+    from tc2.checkpoint import ms_ckpt, safetensors
+    src = str(tmp_path / "m.ckpt") if command == "mf-to-hf" else hf_dir
+    convert_checkpoint(hf_dir, str(tmp_path / "m.ckpt"), to="mf", progress=False)
+    convert_checkpoint(hf_dir, str(tmp_path / "existing"), to="hf", max_shard_size="100KB", progress=False)
+    before = snapshot(str(tmp_path))
+    for module in (safetensors, ms_ckpt, files):
+        monkeypatch.setattr(module, "open", _failing_open(failure), raising=False)
+    args = [command, src, str(tmp_path / dest), "--config", hf_dir, "--no_progress"]
+    assert _recipe().main(args + (["--tp", "2"] if command == "split" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    why = "No space left on device" if failure == "full disk" else "Read-only file system"
+    target = str(tmp_path / dest) if dest.endswith(".ckpt") else os.path.join(str(tmp_path / dest), written)
+    assert err == f"error: [Errno {errno.ENOSPC if failure == 'full disk' else errno.EROFS}] {why}: '{target}'"
+    assert snapshot(str(tmp_path)) == before                        # nothing new, nothing half-written

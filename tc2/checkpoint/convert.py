@@ -40,7 +40,7 @@ from tc2.checkpoint.reader import Reader, read_slices
 from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, np_dtype,
                                         parse_size, read_header, to_float32)
 from tc2.config import ModelConfig
-from tc2.files import StagedDir
+from tc2.files import StagedDir, make_dirs, remove_empty_dirs
 from tc2.parallel.sharding import split_dim
 
 LAYOUT = "tp_layout.json"
@@ -289,10 +289,13 @@ def convert_checkpoint(src: str, dest: str, *, to: str, dtype: str = "float32", 
         if to == "mf":
             if not dest.endswith(".ckpt"):
                 raise ValueError(f"a MindFormers checkpoint is one file: {dest} should end with .ckpt")
-            if os.path.dirname(dest):
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-            write_ckpt(dest, ((mf_name(n), ck.read(n), d) for n, (_, d) in ck.tensors.items()),
-                       dtype=dtype, on_tensor=prog.update)
+            created = make_dirs(os.path.dirname(dest)) if os.path.dirname(dest) else []
+            try:
+                write_ckpt(dest, ((mf_name(n), ck.read(n), d) for n, (_, d) in ck.tensors.items()),
+                           dtype=dtype, on_tensor=prog.update)
+            except BaseException:
+                remove_empty_dirs(created)               # a failed conversion leaves no new directories
+                raise
         elif to == "hf":
             write_hf_tensors(((n, ck.read(n), src) for n, (_, src) in ck.tensors.items()), ck.config, dest,
                              dtype=dtype, max_shard_size=max_shard_size, order=list(ck.tensors),

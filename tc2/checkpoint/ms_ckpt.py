@@ -22,7 +22,7 @@ import numpy as np
 
 from tc2.checkpoint.reader import Reader
 from tc2.checkpoint.safetensors import WEIGHT_DTYPES, encoded_blocks, nbytes, np_dtype
-from tc2.files import atomic_file
+from tc2.files import atomic_file, naming_write_errors
 
 _CKPT_TYPES = {"Float32": "float32", "Float16": "float16", "BFloat16": "bfloat16", "Float64": "float64",
                "Int8": "int8", "UInt8": "uint8", "Int16": "int16", "UInt16": "uint16", "Int32": "int32",
@@ -188,6 +188,13 @@ class CkptFile(Reader):
 
 
 # ---- .ckpt writing ----------------------------------------------------------------------------
+def _close_quietly(f) -> None:
+    try:
+        f.close()
+    except OSError:                                   # flushing onto a full disk: the file is dropped anyway
+        pass
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -214,17 +221,29 @@ def write_ckpt(path: str, tensors: Iterable[Tuple[str, np.ndarray, str]], *, dty
     item = np_dtype(dtype).itemsize
     per_record = max(record_bytes // item, 1)
     type_name = _CKPT_TYPE_OF[dtype].encode()
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        for name, raw, src in tensors:
-            tag = name.encode()
-            dims = b"".join(b"\x08" + _varint(d) for d in (raw.shape or (0,)))
-            for start in range(0, max(raw.size, 1), per_record):
-                stop = min(start + per_record, raw.size)
-                n = (stop - start) * item
-                tensor_head = dims + _ld(2, len(type_name)) + type_name + _ld(3, n)
-                value_head = _ld(1, len(tag)) + tag + _ld(2, len(tensor_head) + n) + tensor_head
-                f.write(_ld(1, len(value_head) + n) + value_head)
-                for block in encoded_blocks(raw, src, dtype, start, stop):
-                    f.write(memoryview(block).cast("B"))
-            if on_tensor is not None:
-                on_tensor(name, raw.size * item)
+    with atomic_file(path) as tmp:
+        with naming_write_errors(path):
+            f = open(tmp, "wb")
+
+        def put(data) -> None:
+            with naming_write_errors(path):
+                f.write(data)
+        try:
+            for name, raw, src in tensors:
+                tag = name.encode()
+                dims = b"".join(b"\x08" + _varint(d) for d in (raw.shape or (0,)))
+                for start in range(0, max(raw.size, 1), per_record):
+                    stop = min(start + per_record, raw.size)
+                    n = (stop - start) * item
+                    tensor_head = dims + _ld(2, len(type_name)) + type_name + _ld(3, n)
+                    value_head = _ld(1, len(tag)) + tag + _ld(2, len(tensor_head) + n) + tensor_head
+                    put(_ld(1, len(value_head) + n) + value_head)
+                    for block in encoded_blocks(raw, src, dtype, start, stop):
+                        put(memoryview(block).cast("B"))
+                if on_tensor is not None:
+                    on_tensor(name, raw.size * item)
+        except BaseException:
+            _close_quietly(f)
+            raise
+        with naming_write_errors(path):
+            f.close()

@@ -27,7 +27,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import numpy as np
 
 from tc2.checkpoint.reader import Reader
-from tc2.files import atomic_file
+from tc2.files import atomic_file, naming_write_errors
 
 # ---- raw dtypes -----------------------------------------------------------------------------
 ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -253,8 +253,13 @@ class SafetensorsWriter:
         self.nbytes = off
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        with naming_write_errors(path):
+            self._f = open(path, "wb")
+            try:
+                self._f.write(struct.pack("<Q", len(raw)) + raw)
+            except BaseException:
+                self._f.close()
+                raise
         self._next = 0
 
     def write(self, name: str, raw: np.ndarray, src: Optional[str] = None) -> None:
@@ -269,17 +274,22 @@ class SafetensorsWriter:
         if tuple(raw.shape) != shape:
             raise ValueError(f"{self.path}: tensor {name} has shape {tuple(raw.shape)}, header says {shape}")
         for block in encoded_blocks(raw, src or dtype, dtype):
-            self._f.write(memoryview(block).cast("B"))
+            with naming_write_errors(self.path):
+                self._f.write(memoryview(block).cast("B"))
         self._next += 1
 
     def close(self) -> None:
         """Finish the file; it must hold every tensor of its header."""
-        self._f.close()
+        with naming_write_errors(self.path):
+            self._f.close()
         if self._next != len(self._entries):
             raise RuntimeError(f"{self.path}: only {self._next}/{len(self._entries)} tensors written")
 
     def abort(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:                               # flushing onto a full disk: the file is dropped anyway
+            pass
 
     def __enter__(self):
         return self
