@@ -17,8 +17,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+import tc2
 import tc2.checkpoint.convert as convert_mod
-from tc2.checkpoint.hf import INDEX, load_hf, save_hf
+from tc2.checkpoint.hf import INDEX, hf_shapes, load_hf, save_hf
 from tc2.config import ModelConfig, tiny
 from tc2.checkpoint.convert import convert_checkpoint, open_checkpoint, verify_checkpoints
 from tc2.model import param_specs
@@ -108,7 +109,7 @@ def test_half_precision_round_trips_round_like_mindspore(hf_dir, hf_arrays, tmp_
     ckpt = str(tmp_path / "half.ckpt")
     convert_checkpoint(hf_dir, ckpt, to="mf", dtype=dtype, progress=False)
     back = str(tmp_path / "back")
-    convert_checkpoint(ckpt, back, to="hf", n_head=4, progress=False)               # float32 again
+    convert_checkpoint(ckpt, back, to="hf", n_head=4, seq_length=64, progress=False)  # float32 again
     half = str(tmp_path / "half_hf")
     convert_checkpoint(hf_dir, half, to="hf", dtype=dtype, progress=False)
     with safe_open(os.path.join(half, "model.safetensors"), "numpy") as f:
@@ -324,7 +325,8 @@ def test_recipe_subcommands(hf_dir, tmp_path, capsys):
     assert "MB/s" in capsys.readouterr().err
     assert main(["mf-to-hf", ckpt, back]) == 2
     assert "--n_head" in capsys.readouterr().err
-    assert main(["mf-to-hf", ckpt, back, "--n_head", "4", "--max_shard_size", "150KB", "--no_progress"]) == 0
+    assert main(["mf-to-hf", ckpt, back, "--n_head", "4", "--seq_length", "64", "--max_shard_size", "150KB",
+                 "--no_progress"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert main(["split", back, str(tmp_path / "tp"), "--tp", "2", "--no_progress"]) == 0
     assert main(["merge", str(tmp_path / "tp"), str(tmp_path / "merged"), "--no_progress"]) == 0
@@ -529,3 +531,45 @@ def test_unwritable_destination_is_one_line_naming_the_file(hf_dir, tmp_path, mo
     target = str(tmp_path / dest) if dest.endswith(".ckpt") else os.path.join(str(tmp_path / dest), written)
     assert err == f"error: [Errno {errno.ENOSPC if failure == 'full disk' else errno.EROFS}] {why}: '{target}'"
     assert snapshot(str(tmp_path)) == before                        # nothing new, nothing half-written
+
+
+def test_mf_to_hf_never_invents_sequence_lengths(hf_dir, tmp_path, capsys):
+    """The weights do not tell seq_length / training_seqlen / base_seqlen (where dynamic NTK and
+    mscale start): a non-release size takes them from the yaml, the config or --seq_length, or the
+    conversion is refused; a release hidden size keeps its release's lengths."""
+    main = _recipe().main
+    ckpt = str(tmp_path / "m.ckpt")
+    convert_checkpoint(hf_dir, ckpt, to="mf", progress=False)
+    for args in (["mf-to-hf", ckpt, str(tmp_path / "a"), "--n_head", "4"],
+                 ["split", ckpt, str(tmp_path / "b"), "--n_head", "4", "--tp", "2"]):
+        assert main(args + ["--no_progress"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: {ckpt}: hidden size 64 is no TeleChat2 release, so the weights do not tell seq_length, "
+            f"training_seqlen, base_seqlen (where dynamic NTK and mscale start) for the config.json this writes: "
+            f"pass the run's MindFormers yaml (mf_yaml=, --mf_yaml), an HF config.json (config=, --config) or the "
+            f"length (seq_length=, --seq_length N)")
+    assert sorted(os.listdir(tmp_path)) == ["m.ckpt"]
+    assert main(["mf-to-hf", ckpt, str(tmp_path / "c"), "--n_head", "4", "--seq_length", "640", "--no_progress"]) == 0
+    written = json.load(open(tmp_path / "c" / "config.json"))
+    assert (written["seq_length"], written["training_seqlen"], written["base_seqlen"]) == (640, 640, 640)
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text("model:\n  model_config:\n    num_heads: 4\n    seq_length: 96\n")
+    assert main(["mf-to-hf", ckpt, str(tmp_path / "d"), "--mf_yaml", str(yaml_path), "--no_progress"]) == 0
+    assert json.load(open(tmp_path / "d" / "config.json"))["training_seqlen"] == 96
+    assert main(["mf-to-hf", ckpt, str(tmp_path / "e"), "--config", hf_dir, "--no_progress"]) == 0
+    assert json.load(open(tmp_path / "e" / "config.json"))["base_seqlen"] == CFG.base_seqlen == 64
+    assert main(["mf-to-hf", ckpt, str(tmp_path / "f"), "--config", hf_dir, "--seq_length", "65", "--no_progress"]) == 2
+    assert "seq_length=65 disagrees with the config's 64" in capsys.readouterr().err
+    assert main(["verify", hf_dir, ckpt, "--n_head", "4", "--quiet"]) == 0       # writes no config: no lengths needed
+
+
+def test_release_sizes_keep_their_lengths_without_a_config(tmp_path):
+    """A hidden size of a release (here 4096, the 7B's) brings the release's lengths and epsilon."""
+    from tc2.checkpoint.mindformers import resolve_config
+    cfg = tc2.telechat2_7b(n_layer=1, vocab_size=256)
+    shapes = {n: s for n, (s, _) in hf_shapes(cfg).items()}
+    got, unknown = resolve_config(shapes, "x")
+    assert unknown == () and (got.seq_length, got.training_seqlen, got.base_seqlen) == (8192, 8192, 8192)
+    small = tiny()
+    got, unknown = resolve_config({n: s for n, (s, _) in hf_shapes(small).items()}, "x", n_head=4)
+    assert unknown == ("seq_length", "training_seqlen", "base_seqlen")

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from tc2.checkpoint.hf import INDEX, SINGLE, check_hf_layout, hf_shapes, hf_tensor_files, write_hf_tensors
-from tc2.checkpoint.mindformers import MindFormersCheckpoint, resolve_config
+from tc2.checkpoint.mindformers import MindFormersCheckpoint, refuse_unknown, resolve_config
 from tc2.checkpoint.ms_ckpt import write_ckpt
 from tc2.checkpoint.names import mf_name
 from tc2.checkpoint.reader import Reader, read_slices
@@ -65,7 +65,8 @@ class HFCheckpoint(Reader):
 
     kind = "hf"
 
-    def __init__(self, path: str, *, config=None, n_head: Optional[int] = None, **_):
+    def __init__(self, path: str, *, config=None, n_head: Optional[int] = None, seq_length: Optional[int] = None,
+                 **_):
         self.path = path
         single = os.path.isfile(path)
         files = {n: path for n in read_header(path)} if single else hf_tensor_files(path)
@@ -81,7 +82,8 @@ class HFCheckpoint(Reader):
             shapes = {n: _weight(f, n)[0] for n, f in self._where.items()}
             if config is None and not single and os.path.isfile(os.path.join(path, "config.json")):
                 config = path
-            self.config = resolve_config(shapes, path, config=config, n_head=n_head)
+            self.config, self.unknown = resolve_config(shapes, path, config=config, n_head=n_head,
+                                                       seq_length=seq_length)
             self.tensors = {n: self._where[n].shape_dtype(n) for n in hf_shapes(self.config)}
 
     def read(self, name: str) -> np.ndarray:
@@ -96,6 +98,7 @@ class TPCheckpoint(Reader):
     """tc2's tensor-parallel directory (see the module docstring), read back as full tensors."""
 
     kind = "tc2-tp"
+    unknown = ()
 
     def __init__(self, path: str, **_):
         self.path = path
@@ -163,7 +166,8 @@ def _read_tp_layout(layout_path: str) -> Tuple[int, Dict[str, Tuple[Tuple[int, .
 def open_checkpoint(path: str, **hints):
     """A reader for any supported format, detected from what `path` holds.
 
-    hints: n_head, mf_yaml, config (ModelConfig or config.json), pattern (per-rank .ckpt glob).
+    hints: n_head, mf_yaml, config (ModelConfig or config.json), pattern (per-rank .ckpt glob),
+    seq_length (the sequence lengths of a non-release size when no yaml or config gives them).
     """
     if os.path.isfile(path):
         if path.endswith(".ckpt"):
@@ -283,6 +287,8 @@ def convert_checkpoint(src: str, dest: str, *, to: str, dtype: str = "float32", 
     with open_checkpoint(src, **hints) as ck:
         if expect and ck.kind not in expect:
             raise ValueError(f"{src} is a {ck.kind} checkpoint; this conversion reads {' or '.join(expect)}")
+        if to in ("hf", "tp"):                          # these write a config.json
+            refuse_unknown(ck.unknown, ck.config, src)
         total = sum(nbytes(s, dtype) for s, _ in ck.tensors.values())
         prog = Progress(f"{ck.kind} -> {to} {os.path.basename(os.path.normpath(dest))}", total,
                         len(ck.tensors), enabled=progress)

@@ -102,7 +102,7 @@ def check_hf_layout(cfg: ModelConfig, found: Dict[str, Tuple[int, ...]], where: 
                        (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     for name, (shape, _) in expected.items():
         if tuple(found[name]) != tuple(shape):
-            raise ValueError(f"{where}: tensor {name} has shape {tuple(found[name])}, but config.json "
+            raise ValueError(f"{where}: tensor {name} has shape {tuple(found[name])}, but the config "
                              f"(hidden_size={cfg.hidden_size}, n_head={cfg.n_head}, num_key_value_heads="
                              f"{cfg.num_key_value_heads}, ffn_hidden_size={cfg.ffn_hidden_size}, "
                              f"vocab_size={cfg.vocab_size}) implies {tuple(shape)}")

@@ -183,6 +183,17 @@ class CkptFile(Reader):
             pos += n
         return out
 
+    def read_span(self, tag: str, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of tensor `tag`'s raw data (across its records)."""
+        out, pos = bytearray(), 0
+        for off, n in self.entries[tag][2]:
+            lo, hi = max(start, pos), min(stop, pos + n)
+            if lo < hi:
+                self._f.seek(off + lo - pos)
+                out += self._f.read(hi - lo)
+            pos += n
+        return bytes(out)
+
     def close(self):
         self._f.close()
 
