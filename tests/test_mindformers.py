@@ -323,11 +323,19 @@ def test_qkv_concat_layout_is_refused_clearly(params, tmp_path):
     ("model:\n  model_config:\n    rms_norm_eps: 1e-5\n", r"model\.model_config\.rms_norm_eps must be a finite "
                                                           r"number > 0, got '1e-5' \(str\)"),
     ("parallel_config: 8\nmodel:\n  model_config:\n    num_heads: 4\n", r"parallel_config must be a mapping"),
+    ("model:\n  model_config:\n    num_heads: 4\nparallel:\n  enable_parallel_optimizer: 'yes'\n",
+     r"parallel\.enable_parallel_optimizer must be true or false, got 'yes'"),
+    ("model:\n  model_config:\n    num_heads: 4\nparallel_config:\n  model_parallel: 0\n",
+     r"parallel_config\.model_parallel must be a positive int, got 0"),
+    ("model:\n  model_config:\n    num_heads: 4\nparallel:\n  parallel_optimizer_config:\n"
+     "    optimizer_weight_shard_size: -2\n",
+     r"parallel\.parallel_optimizer_config\.optimizer_weight_shard_size must be a positive int or -1, got -2"),
+    (b"model:\n  model_config:\n    num_heads: \xff\n", r"not UTF-8 text"),
 ])
 def test_malformed_mf_yaml_names_file_and_key(params, tmp_path, text, message):
     path = str(tmp_path / "tiny.ckpt")
     save_mindformers(as_tree(params), CFG, path)
-    (tmp_path / "run.yaml").write_text(text)
+    (tmp_path / "run.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises((KeyError, ValueError), match=r"run\.yaml: " + message):
         load_mindformers(path, mf_yaml=str(tmp_path / "run.yaml"))
 

@@ -48,6 +48,8 @@ def read_mf_yaml(path: str) -> Tuple[dict, MFRun]:
         raise FileNotFoundError(f"MindFormers yaml not found: {path}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     model = doc.get("model") if isinstance(doc, dict) else None
     mc = model.get("model_config") if isinstance(model, dict) else None
     if not mc:
