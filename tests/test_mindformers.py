@@ -521,3 +521,12 @@ def test_embedding_lm_head_and_config_must_agree(params, tmp_path):
     with pytest.raises(ValueError, match=r"tensor transformer\.word_embeddings\.weight has shape \(512, 64\), but the "
                                          r"config \(.*vocab_size=500\) implies \(500, 64\)"):
         load_mindformers(path, mf_yaml=yaml_path)
+
+
+def test_one_optimizer_parallel_rank_file_alone_is_refused(params, tmp_path):
+    root = _opt_rank_files(str(tmp_path / "run"), params, tp=1, dp=2, threshold_kb=0)
+    with pytest.raises(ValueError, match=r"rank_0 holds model\.layers\.0\.attention\.wo\.weight with 32 rows, not "
+                                         r"hidden_size 64: its rows are cut across data-parallel ranks"):
+        load_mindformers(os.path.join(root, "rank_0", "telechat_rank_0-1_2.ckpt"), n_head=4)
+    with pytest.raises(ValueError, match=r"rank_0 holds model\.layers\.0\.attention\.wo\.weight with 32 rows"):
+        load_mindformers(root, n_head=4)

@@ -139,10 +139,16 @@ class _Planner:
             for hf in sorted(names):
                 norm = hf_name(f"layers.{hf_layer(hf)}.input_layernorm") if hf_layer(hf) is not None else None
                 if leaf_key(hf) == "dense" and norm in names:
-                    hidden, cols = self._meta(ranks[0], norm)[0][0], self._meta(ranks[0], hf)[0][1]
+                    hidden, (rows, cols) = self._meta(ranks[0], norm)[0][0], self._meta(ranks[0], hf)[0]
+                    tag = self.weights[ranks[0]][hf]
                     if hidden % cols:
-                        raise ValueError(f"{self.path}: rank_{ranks[0]} {self.weights[ranks[0]][hf]} has {cols} "
-                                         f"columns, which does not divide hidden_size {hidden}")
+                        raise ValueError(f"{self.path}: rank_{ranks[0]} {tag} has {cols} columns, which does not "
+                                         f"divide hidden_size {hidden}")
+                    if rows != hidden and not (self.run and self.run.parallel_optimizer):
+                        raise ValueError(f"{self.path}: rank_{ranks[0]} holds {tag} with {rows} rows, not "
+                                         f"hidden_size {hidden}: its rows are cut across data-parallel ranks "
+                                         f"(MindSpore's optimizer parallel): pass the directory of all rank_* "
+                                         f"folders and the run's MindFormers yaml (mf_yaml=, --mf_yaml)")
                     found[tuple(ranks)] = (hidden // cols, hf)
                     break
         degrees = {mp for mp, _ in found.values()}
