@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 from mindspore import ops
 
+import numpy_ref as ref
+
 from tc2.config import tiny
 from tc2.config import IGNORE_INDEX
 from tc2.model import cross_entropy_sum, forward, init_params, loss_fn
 from tc2.optim import adamw
 from tc2.data.records import BatchIterator
-from tc2.step import (LossScaleConfig, as_micro_batches, grads_and_loss, init_train_state,
+from tc2.step import (LossScaleConfig, as_micro_batches, eval_loss_sums, grads_and_loss, init_train_state,
                        split_micro_batches, train_step)
 from tc2.train.checkpoints import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                                   save_checkpoint, validate_checkpoint)
@@ -60,6 +62,11 @@ def _batches(rows):
     return TrainBatches(BatchIterator(rows, B, seed=1, num_epochs=None), PAD)
 
 
+def _masks(batch):
+    """The batch's attention inputs (pad keys masked) as forward/loss_fn keyword arguments."""
+    return {k: ms.Tensor(batch[k]) for k in ("positions", "segment_ids")}
+
+
 @pytest.fixture(scope="module")
 def params():
     return init_params(CFG, seed=0)
@@ -67,10 +74,14 @@ def params():
 
 @pytest.fixture(scope="module")
 def uneven_batch():
-    """[B, T] whose two halves have very different loss-token counts (mean of means != mean)."""
+    """[B, T] whose two halves have very different loss-token counts (mean of means != mean).
+
+    Plain causal rows (mask_pad=False): the test is about accumulation, and with this draw's
+    pads masked one gradient element lands near AdamW's eps (see the test), which moves the
+    second step's loss of the two paths apart by 3e-5 (measured), not by accumulation."""
     rows = _rows(B, seed=3)
     rows["labels"][:2, :-4] = IGNORE_INDEX                       # rows 0-1: 3 loss tokens each
-    return train_batch(rows, PAD)
+    return train_batch(rows, PAD, mask_pad=False)
 
 
 # --------------------------------------------------------------------------- data adapters
@@ -91,6 +102,60 @@ def test_train_batch_shifts_and_masks_pads():
     assert split_rows(_rows(10, 0), 0.0)[1] is None
     with pytest.raises(KeyError, match="tokens"):
         as_micro_batches({"labels": np.zeros((1, 4))})
+
+
+def test_batches_mask_pad_keys_and_keep_arange_positions():
+    rows = {"input_ids": np.array([[3, 3, 1, 10, 11, 12]]), "labels": np.array([[-100, -100, -100, 10, 11, 12]])}
+    b = train_batch(rows, pad_id=3)
+    assert b["segment_ids"].tolist() == [[0, 0, 1, 1, 1]]               # pads: their own segment
+    assert b["positions"].tolist() == [[0, 1, 2, 3, 4]]                 # RoPE slots include the pads
+    assert sorted(train_batch(rows, 3, mask_pad=False)) == ["labels", "tokens"]   # plain causal
+    # document masking on top: a pad anywhere leaves its conversation's segment
+    docs = {**rows, "input_ids": np.array([[3, 1, 10, 3, 1, 12]]),
+            "segment_ids": np.array([[0, 1, 1, 1, 2, 2]]), "positions": np.array([[0, 0, 1, 2, 0, 1]])}
+    b = train_batch(docs, 3)
+    assert b["segment_ids"].tolist() == [[0, 1, 1, 0, 2]] and b["positions"].tolist() == [[0, 0, 1, 2, 0]]
+    assert train_batch(docs, 3, mask_pad=False)["segment_ids"].tolist() == [[0, 1, 1, 1, 2]]
+    ev = eval_batches({k: v.repeat(3, 0) for k, v in rows.items()}, 2, 3)   # + a filler row of pads
+    assert [e["segment_ids"].tolist() for e in ev] == [[[0, 0, 1, 1, 1]] * 2, [[0, 0, 1, 1, 1], [0] * 5]]
+
+
+def test_loss_on_pad_led_rows_is_mindformers_training_loss(params):
+    """float64 reference of exactly MindFormers' training forward: causal AND key != pad,
+    positions 0..S-1 including the pads, loss where token != pad and label != -100."""
+    p = dict(params, lm_head=params["lm_head"] * 8.0)          # spread the token losses
+    rng = np.random.default_rng(21)
+    ids = rng.integers(4, CFG.vocab_size, (B, T + 1)).astype(np.int32)
+    labels = ids.copy()
+    for r, n_pad in enumerate((1, 5, 20, 40)):                  # every packed row starts with pads
+        ids[r, :n_pad] = PAD
+        labels[r, :n_pad + 3] = IGNORE_INDEX
+    tokens, shifted = ids[:, :-1], labels[:, 1:].copy()
+    shifted[tokens == PAD] = IGNORE_INDEX
+    P = ref.to_numpy64(p)
+    want = ref.token_mean_loss(ref.forward(P, tokens, CFG, key_ok=tokens != PAD), shifted)
+    plain = ref.token_mean_loss(ref.forward(P, tokens, CFG), shifted)
+    assert abs(plain - want) > 1e-2 * want                     # the pads matter for this batch
+    s, c = eval_loss_sums(p, train_batch({"input_ids": ids, "labels": labels}, PAD), CFG)
+    assert s / c == pytest.approx(want, rel=1e-5)
+    _, loss, _ = grads_and_loss(p, train_batch({"input_ids": ids, "labels": labels}, PAD), CFG)
+    assert loss == pytest.approx(want, rel=1e-5)               # the train step's loss too
+
+
+def test_finetune_batches_carry_the_pad_mask_by_default(tmp_path):
+    from tc2.context import LOCAL
+    from tc2.data.records import write_mindrecord
+    from tc2.train.setup import DataConfig, ModelSource, RunConfig, prepare_finetune
+    path = write_mindrecord(str(tmp_path / "d.mindrecord"), _rows(10, seed=13))
+    run = prepare_finetune(ModelSource(preset="tiny"), DataConfig(train=path, seq_length=T, eval_fraction=0.2),
+                           RunConfig(steps=2, global_batch=B, micro_batch=2), LOCAL, log=lambda s: None)
+    for batch in (next(run.batches), run.evals[0]):
+        is_pad = batch["tokens"] == PAD
+        assert is_pad.any() and (batch["segment_ids"] == np.where(is_pad, 0, 1)).all()
+        assert (batch["positions"] == np.arange(T)).all()
+    run = prepare_finetune(ModelSource(preset="tiny"), DataConfig(train=path, seq_length=T, mask_pad=False),
+                           RunConfig(steps=2, global_batch=B, micro_batch=2), LOCAL, log=lambda s: None)
+    assert "segment_ids" not in next(run.batches)
 
 
 def test_rows_from_mindrecord(tmp_path):
@@ -419,7 +484,7 @@ def test_evaluate_is_the_token_weighted_loss_over_all_rows(params):
     assert len(batches) == 2 and batches[1]["tokens"].shape == (2, T)
     got = evaluate(params, CFG, batches)
     full = train_batch(rows, PAD)
-    logits, _ = forward(params, ms.Tensor(full["tokens"]), CFG)
+    logits, _ = forward(params, ms.Tensor(full["tokens"]), CFG, **_masks(full))
     s, c = cross_entropy_sum(logits, ms.Tensor(full["labels"]))
     assert got["eval_tokens"] == int(c.asnumpy())
     assert got["eval_loss"] == pytest.approx(float(s.asnumpy()) / float(c.asnumpy()), rel=1e-5)

@@ -44,6 +44,7 @@ class DataConfig:
     tokenizer: Optional[str] = None           # SentencePiece model (needed for jsonl)
     seq_length: int = 8192                    # tokens per row (rows hold seq_length + 1)
     document_masking: bool = False            # attention stops at packed-conversation borders
+    mask_pad: bool = True                     # no token attends to <_pad> (MindFormers' training mask)
     pack_seed: int = 2024                     # MindFormers' packing shuffle seed
     shuffle_seed: int = 0                     # batch order seed (per epoch)
     skip_bad_lines: bool = False              # jsonl: skip (and list) bad lines instead of failing
@@ -121,8 +122,10 @@ def prepare_finetune(model: ModelSource, data: DataConfig, run: RunConfig, ctx: 
             raise ValueError("give data.eval or data.eval_fraction, not both")
         rows, eval_rows = split_rows(rows, data.eval_fraction, seed=data.shuffle_seed)
     steps, per_epoch = _steps(run, len(rows["input_ids"]), data.train, ctx)
-    batches = TrainBatches(BatchIterator(rows, run.global_batch, seed=data.shuffle_seed, num_epochs=None), pad_id)
-    evals = eval_batches(eval_rows, run.micro_batch * ctx.dp, pad_id) if eval_rows is not None else None
+    batches = TrainBatches(BatchIterator(rows, run.global_batch, seed=data.shuffle_seed, num_epochs=None), pad_id,
+                           mask_pad=data.mask_pad)
+    evals = (eval_batches(eval_rows, run.micro_batch * ctx.dp, pad_id, mask_pad=data.mask_pad)
+             if eval_rows is not None else None)
     log(f"data: {len(rows['input_ids'])} train rows x {data.seq_length} tokens, {per_epoch} steps per epoch "
         f"of {run.global_batch} rows ({run.global_batch // run.micro_batch // ctx.dp} micro-batches of "
         f"{run.micro_batch} per process); {steps} steps (~{steps / max(per_epoch, 1):.2f} epochs)"
