@@ -72,6 +72,30 @@ def test_all_input_forms_agree(tok):
     assert no_start.input_ids[0] == 4
 
 
+def test_seed_readme_line_with_pads(tok):
+    """The seed README's example: one 'input' with inline turns and trailing <_pad>s."""
+    ref = example_from_json({"input": "<_user>q1<_bot>a1<_user>q2", "output": "a2"}, tok)
+    for inp in ("<_user>q1<_bot>a1<_end><_user>q2<_bot>a2<_end><_pad><_pad><_pad>",
+                "<_pad><_pad><_start><_user>q1<_bot>a1<_end><_user>q2<_bot>a2<_end><_pad>"):
+        ex = example_from_json({"input": inp}, tok)
+        assert (ex.input_ids, ex.labels) == (ref.input_ids, ref.labels), inp
+    with pytest.raises(DataError, match="the answer of turn 1 contains <_pad>: pads may only lead or trail"):
+        example_from_json({"input": "<_user>q<_bot>a<_pad>b<_end>"}, tok)
+    with pytest.raises(DataError, match="the question of turn 1 contains <_pad>"):
+        example_from_json({"input": "<_user>q<_pad>", "output": "a"}, tok)
+
+
+def test_dialog_content_markers_are_plain_text(tok):
+    """Markers written inside dialog messages are text: no turn is closed or forged, the
+    answer keeps its characters (the inline formats, whose markers ARE the structure, differ)."""
+    obj = {"system": "S", "dialog": [{"role": "user", "content": "q<_end>\n<_user>x<_bot>y"},
+                                     {"role": "bot", "content": "a<_end>b<_pad>"}]}
+    ex = example_from_json(obj, tok)
+    assert [tok.decode(r) for r in answer_runs(ex)] == ["a<_end>b<_pad><_end>"]
+    assert [ex.input_ids.count(tok.token_id(m)) for m in ("<_user>", "<_bot>", "<_end>", "<_pad>")] == [1, 1, 1, 0]
+    assert tok.decode(ex.input_ids) == "<_start><_system>S<_user>q<_end>\n<_user>x<_bot>y<_bot>a<_end>b<_pad><_end>"
+
+
 def test_dialog_format(tok):
     obj = {"system": "S\n", "dialog": [{"role": "user", "content": "q1"}, {"role": "bot", "content": "a1"},
                                        {"role": "user", "content": "q2"}, {"role": "bot", "content": "a2"}],

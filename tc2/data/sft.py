@@ -2,8 +2,11 @@
 
 Three line formats (detected per line):
   (a) MindFormers `{"input": ..., "output": ...}`; `input` may hold history
-      `<_user>q1<_bot>a1<_user>q2` (a leading `<_user>` is optional, as in MF);
-  (b) the seed README's single key `{"input": "<_user>q1<_bot>a1<_end><_user>q2<_bot>a2<_end>"}`;
+      `<_user>q1<_bot>a1<_user>q2` (a leading `<_user>` is optional, as in MF; a history
+      answer may end with `<_end>`);
+  (b) the seed README's single key `{"input": "<_user>q1<_bot>a1<_end><_user>q2<_bot>a2<_end>"}`,
+      optionally `<_start>`-led and with `<_pad>`s before or after the turns (dropped: packing
+      pads the rows itself); a `<_pad>` inside a turn is an error;
   (c) the official dialog format `{"system": ..., "dialog": [{"role", "content"}], ...}`
       (also `"conversation"` + optional `"tools"`), rendered with the 7B/35B chat template
       (`system` verbatim after `<_system>`, `<_end>\\n` between turns but no `\\n` after the
@@ -11,6 +14,16 @@ Three line formats (detected per line):
 (a) and (b) become `[<_start>] + per turn [<_user>] + ids(q) + [<_bot>] + ids(a) + [<_end>]`.
 Labels follow MindFormers: the answer ids and their `<_end>` are their own label, everything
 else (pad, `<_start>`, `<_user>`, question, `<_bot>`, system prompt, tool results) is -100.
+
+Markers: in (a) and (b) the markers ARE the structure (the text is cut at them). In (c) the
+structure is the JSON, so message content is plain text: a user who writes `<_user>` or
+`<_end>` gets the ids of those characters, never a control id (`Tokenizer.encode_text`).
+
+One difference from MindFormers' `telechat_preprocess.py`, on purpose: given (a) with an
+`<_end>` after a history answer (`<_user>q1<_bot>a1<_end><_user>q2` + output `a2`), MF writes
+`a1<_end><_end>`, and its pairing of questions with answers (split at `<_end>`) then gives q2 the
+empty answer and drops `a2`, the line's actual target. tc2 strips that `<_end>` and keeps `a2`
+(the same ids as without the `<_end>`).
 
 Packing is MindFormers' `telechat_preprocess.py`: shuffle with `random.Random(seed)` (the same
 permutation as its `random.seed(seed); shuffle(lines)`), then fill rows greedily in that order
@@ -32,7 +45,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from tc2.config import IGNORE_INDEX
-from tc2.data.chat import template_segments, template_system_text
+from tc2.data.chat import answer_runs, template_pieces, template_system_text
 
 __all__ = ["IGNORE_INDEX", "ChatTokens", "DataError", "Example", "PackConfig", "PackReport",
            "PackedRows", "example_from_json", "read_examples", "pack_examples",
@@ -83,11 +96,29 @@ def _check_turns(turns: List[Tuple[str, str]], tokens: ChatTokens) -> List[Tuple
             bad = [m for m in _markers(tokens) if m in text]
             if bad:
                 raise DataError(f"turn count mismatch: the {what} of turn {k + 1} contains {bad[0]}")
+            if tokens.pad in text:
+                raise DataError(f"the {what} of turn {k + 1} contains {tokens.pad}: pads may only lead or "
+                                "trail a line (they are dropped; packing pads the rows)")
     return turns
 
 
+def strip_pads(text: str, pad: str) -> str:
+    """`text` without the runs of `pad` at its start and end (the seed README's example line
+    ends in `<_pad>`s; MindFormers' preprocess ignores them too)."""
+    if not pad:
+        return text
+    lo, hi = 0, len(text)
+    while text.startswith(pad, lo, hi):
+        lo += len(pad)
+    while hi - len(pad) >= lo and text.endswith(pad, lo, hi):
+        hi -= len(pad)
+    return text[lo:hi]
+
+
 def inline_turns(text: str, tokens: ChatTokens) -> List[Tuple[str, str]]:
-    """Format (b): '<_user>q<_bot>a<_end>' repeated -> [(q, a), ...]."""
+    """Format (b): '<_user>q<_bot>a<_end>' repeated -> [(q, a), ...]; leading and trailing
+    `<_pad>`s are dropped."""
+    text = strip_pads(text, tokens.pad)
     if tokens.start and text.startswith(tokens.start):
         text = text[len(tokens.start):]
     n_u, n_b, n_e = (text.count(tokens.user), text.count(tokens.bot), text.count(tokens.end))
@@ -169,13 +200,13 @@ def _dialog_example(obj: Mapping[str, Any], tokenizer, ids) -> Tuple[List[int], 
             raise DataError(f"turn count mismatch: bot message {i} does not follow a user/tool message")
     try:
         sys_text = system if system is not None else template_system_text(dialog, tools)
-        segs = template_segments(sys_text, dialog, add_generation_prompt=False, final_newline=False)
+        pieces = template_pieces(sys_text, dialog, add_generation_prompt=False, final_newline=False)
     except ValueError as e:
         raise DataError(str(e)) from None
     x: List[int] = [] if ids["start"] is None else [ids["start"]]
     y: List[int] = [IGNORE_INDEX] * len(x)
-    for text, is_answer in segs:
-        t = tokenizer.encode(text)
+    for run, is_answer in answer_runs(pieces):      # content is plain text (module docstring)
+        t = tokenizer.encode_pieces(run)
         x += t
         y += t if is_answer else [IGNORE_INDEX] * len(t)
     return x, y

@@ -159,6 +159,36 @@ class Tokenizer:
                 ids.extend(self._sp.encode(seg))
         return ids
 
+    def encode_text(self, text: str) -> List[int]:
+        """Ids of `text` as plain text: a special-token string in it (`<_user>`, `<_end>`, ...)
+        is encoded as its characters, never as a control id (all TeleChat specials are CONTROL
+        pieces, which SentencePiece never produces from text). Equals `encode(text)` for text
+        without special-token strings."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode_text expects str, got {type(text).__name__}")
+        return self._sp.encode(text) if text else []
+
+    def encode_pieces(self, pieces: Iterable[Tuple[str, bool]]) -> List[int]:
+        """Ids of the concatenated `(text, plain)` pieces: the special-token strings of pieces
+        with plain=False become their ids, plain pieces are text (`encode_text`). The text
+        between two special ids is one SentencePiece segment, as in `encode`, so the result
+        equals `encode("".join(texts))` whenever no plain piece holds a special-token string."""
+        ids: List[int] = []
+        run: List[str] = []
+        for text, plain in pieces:
+            for seg in ([text] if plain else self.split_special(text)):
+                sid = None if plain else self.special_ids.get(seg)
+                if sid is None:
+                    run.append(seg)
+                    continue
+                if run:
+                    ids.extend(self.encode_text("".join(run)))
+                    run = []
+                ids.append(sid)
+        if run:
+            ids.extend(self.encode_text("".join(run)))
+        return ids
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Inverse of `encode`: runs of ordinary ids go through SentencePiece, each special id
         (our special strings and any control piece) is written as its text, or dropped when
