@@ -308,6 +308,27 @@ def test_bad_lines_raise_with_location(tok, tmp_path, line, message):
     assert len(examples) == 2 and len(skipped) == 1 and skipped[0].startswith(str(tmp_path))
 
 
+def test_an_enormous_line_is_dropped_without_being_tokenized(tok, tmp_path, monkeypatch):
+    huge = "字" * 5_000_000                                       # 15 MB of UTF-8 on one line
+    path = jsonl(tmp_path / "huge.jsonl", [{"input": "q", "output": "a"}, {"input": huge, "output": "a"},
+                                           {"dialog": [{"role": "user", "content": huge},
+                                                       {"role": "bot", "content": "a"}]},
+                                           {"input": "<_user>" + huge + "<_bot>a<_end>"}])
+    longest = []
+    for name in ("encode", "encode_text"):                        # every path into SentencePiece
+        real = getattr(tok, name)
+        monkeypatch.setattr(tok, name, lambda text, real=real: longest.append(len(text)) or real(text))
+    report = preprocess(path, tok, str(tmp_path / "o.mindrecord"), pack=PackConfig(max_length=64))
+    assert sorted(report.dropped) == [f"{path}:{n}" for n in (2, 3, 4)] and report.rows == 1
+    assert max(longest) < 100                                    # only the short line was tokenized
+    over = "字" * (65 * tok.max_chars_per_token + 1)              # surely > 64 tokens
+    examples, _ = read_examples(jsonl(tmp_path / "over.jsonl", [{"input": over, "output": "a"}]), tok,
+                                max_tokens=64)
+    assert examples[0].too_long and examples[0].input_ids == ()
+    examples, _ = read_examples(str(tmp_path / "over.jsonl"), tok)   # no bound given: tokenized whole
+    assert not examples[0].too_long and len(examples[0].input_ids) > 64
+
+
 def test_bad_files(tok, tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_examples(str(tmp_path / "nope.jsonl"), tok)

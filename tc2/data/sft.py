@@ -79,10 +79,12 @@ class ChatTokens:
 
 @dataclass(frozen=True)
 class Example:
-    """One conversation: ids and aligned labels (label[i] is ids[i] or -100), and its origin."""
+    """One conversation: ids and aligned labels (label[i] is ids[i] or -100), and its origin.
+    too_long: read with a `max_tokens` it cannot fit in, so never tokenized (ids left empty)."""
     input_ids: Tuple[int, ...]
     labels: Tuple[int, ...]
     source: str = ""
+    too_long: bool = False
 
 
 # --- line formats -> turns / ids ------------------------------------------------------------------
@@ -167,7 +169,17 @@ def mf_turns(inp: str, out: str, tokens: ChatTokens) -> List[Tuple[str, str]]:
     return _check_turns(turns, tokens)
 
 
-def _turns_example(turns, tokenizer, ids) -> Tuple[List[int], List[int]]:
+def _cannot_fit(n_chars: int, n_markers: int, tokenizer, max_tokens: Optional[int]) -> bool:
+    """Whether text of n_chars characters plus n_markers control ids is surely more than
+    max_tokens ids (`Tokenizer.min_tokens`: no id covers more than the longest piece)."""
+    return max_tokens is not None and tokenizer.min_tokens(n_chars) + n_markers > max_tokens
+
+
+def _turns_example(turns, tokenizer, ids, max_tokens=None) -> Optional[Tuple[List[int], List[int]]]:
+    """ids and labels of (a)/(b) turns; None when they surely exceed max_tokens (not tokenized)."""
+    n_chars = sum(len(q) + len(a) for q, a in turns)
+    if _cannot_fit(n_chars, 3 * len(turns) + (ids["start"] is not None), tokenizer, max_tokens):
+        return None
     x: List[int] = [] if ids["start"] is None else [ids["start"]]
     y: List[int] = [IGNORE_INDEX] * len(x)
     for q, a in turns:
@@ -177,7 +189,7 @@ def _turns_example(turns, tokenizer, ids) -> Tuple[List[int], List[int]]:
     return x, y
 
 
-def _dialog_example(obj: Mapping[str, Any], tokenizer, ids) -> Tuple[List[int], List[int]]:
+def _dialog_example(obj: Mapping[str, Any], tokenizer, ids, max_tokens=None) -> Optional[Tuple[List[int], List[int]]]:
     key = "dialog" if "dialog" in obj else "conversation"
     dialog = obj[key]
     if not isinstance(dialog, list) or not dialog:
@@ -203,6 +215,8 @@ def _dialog_example(obj: Mapping[str, Any], tokenizer, ids) -> Tuple[List[int], 
         pieces = template_pieces(sys_text, dialog, add_generation_prompt=False, final_newline=False)
     except ValueError as e:
         raise DataError(str(e)) from None
+    if _cannot_fit(sum(len(t) for t, _, _ in pieces), ids["start"] is not None, tokenizer, max_tokens):
+        return None
     x: List[int] = [] if ids["start"] is None else [ids["start"]]
     y: List[int] = [IGNORE_INDEX] * len(x)
     for run, is_answer in answer_runs(pieces):      # content is plain text (module docstring)
@@ -213,13 +227,17 @@ def _dialog_example(obj: Mapping[str, Any], tokenizer, ids) -> Tuple[List[int], 
 
 
 def example_from_json(obj: Any, tokenizer, tokens: ChatTokens = ChatTokens(),
-                      source: str = "") -> Example:
-    """One parsed jsonl line -> Example; DataError (without the location) on bad content."""
+                      source: str = "", max_tokens: Optional[int] = None) -> Example:
+    """One parsed jsonl line -> Example; DataError (without the location) on bad content.
+
+    max_tokens: a conversation whose text is surely longer (more characters than max_tokens
+    times the longest piece) comes back `too_long`, without being tokenized: a 50 MB line
+    costs its JSON parse, not gigabytes of SentencePiece lattice."""
     ids = tokens.ids(tokenizer)
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}")
     if "dialog" in obj or "conversation" in obj:
-        x, y = _dialog_example(obj, tokenizer, ids)
+        xy = _dialog_example(obj, tokenizer, ids, max_tokens)
     elif "input" in obj:
         inp, out = obj["input"], obj.get("output")
         if not isinstance(inp, str):
@@ -230,17 +248,22 @@ def example_from_json(obj: Any, tokenizer, tokens: ChatTokens = ChatTokens(),
             turns = mf_turns(inp, out, tokens)
         else:
             raise DataError(f"'output' must be a string, got {type(out).__name__}")
-        x, y = _turns_example(turns, tokenizer, ids)
+        xy = _turns_example(turns, tokenizer, ids, max_tokens)
     else:
         raise DataError(f"missing key: expected 'input' (+ 'output') or 'dialog', got {sorted(obj)}")
-    return Example(tuple(x), tuple(y), source)
+    if xy is None:
+        return Example((), (), source, too_long=True)
+    return Example(tuple(xy[0]), tuple(xy[1]), source)
 
 
 def read_examples(path: str, tokenizer, tokens: ChatTokens = ChatTokens(), *,
-                  on_error: str = "raise",
+                  on_error: str = "raise", max_tokens: Optional[int] = None,
                   progress: Optional[Callable[[int, int], None]] = None
                   ) -> Tuple[List[Example], List[str]]:
     """Read a jsonl file -> (examples, skipped). Blank lines are ignored.
+
+    max_tokens: conversations that surely exceed it are returned `too_long`, untokenized
+    (`example_from_json`); packing drops them like any conversation longer than a row.
 
     on_error="raise": the first bad line raises DataError("file:line: reason").
     on_error="skip": bad lines are left out and listed in `skipped` as "file:line: reason".
@@ -268,7 +291,7 @@ def read_examples(path: str, tokenizer, tokens: ChatTokens = ChatTokens(), *,
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"malformed JSON: {e.msg} (column {e.colno})") from None
-                examples.append(example_from_json(obj, tokenizer, tokens, source=where))
+                examples.append(example_from_json(obj, tokenizer, tokens, source=where, max_tokens=max_tokens))
             except (DataError, UnicodeDecodeError) as e:
                 msg = f"{where}: {e}" if isinstance(e, DataError) else f"{where}: not UTF-8 ({e.reason})"
                 if on_error == "raise":
@@ -341,7 +364,7 @@ def pack_examples(examples: Sequence[Example], cfg: PackConfig, pad_id: int,
     dropped: List[str] = []
     for k in order:
         ex = examples[k]
-        n = len(ex.input_ids)
+        n = cap + 1 if ex.too_long else len(ex.input_ids)
         if used + n <= cap:
             cur.append(ex)
             used += n
@@ -405,7 +428,7 @@ def preprocess(input_path: str, tokenizer, output_path: str, *,
     from tc2.data.records import mindrecord_path, write_mindrecord  # mindspore import only when writing
     pad_id = tokens.ids(tokenizer)["pad"]
     examples, skipped = read_examples(input_path, tokenizer, tokens, on_error=on_error,
-                                      progress=progress)
+                                      max_tokens=pack.max_length, progress=progress)
     packed = pack_examples(examples, pack, pad_id, skipped)
     if packed.report.rows == 0:
         raise DataError(f"{input_path}: nothing to write: all {len(examples)} conversations are "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import Dict, Iterable, List, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import sentencepiece as spm
 
@@ -84,6 +84,15 @@ class Tokenizer:
         # Ids decoded as their own text (or skipped): our special strings + all control pieces.
         self._special_id_set = frozenset(
             [i for i in range(self.vocab_size) if sp.is_control(i)] + list(self.special_ids.values()))
+        self.max_chars_per_token = _max_chars_per_token(sp, self.special_ids)
+
+    def min_tokens(self, n_chars: int) -> int:
+        """A lower bound on the ids `encode` gives for any text of `n_chars` characters (0 when
+        the model's normalizer may shorten text, see `_max_chars_per_token`): lets a reader drop
+        a conversation that cannot fit without tokenizing megabytes of it."""
+        if self.max_chars_per_token is None:
+            return 0
+        return -(-n_chars // self.max_chars_per_token)
 
     # --- pickling (multiprocessing data loaders) ---------------------------------------------
     def __getstate__(self):
@@ -213,6 +222,21 @@ class Tokenizer:
         if run:
             out.append(self._sp.decode(run))
         return "".join(out)
+
+
+_PROBE = "a  b\t\u00a0\uff21\u2460\ufb01e\u0301 "   # folded by NFKC / whitespace-removing normalizers
+
+
+def _max_chars_per_token(sp, special_ids: Dict[str, int]) -> Optional[int]:
+    """The most characters of text one id can stand for: the longest piece (a byte-fallback
+    piece covers at most one character, a special id its string), so a text of n characters
+    has at least n / this many ids. Only when the model's normalizer leaves text as it is
+    (identity, no whitespace folding: both releases' models and `train_tokenizer`'s, checked
+    on a probe of characters NFKC and whitespace folding change); None otherwise (no bound)."""
+    if sp.normalize(_PROBE).lstrip("\u2581") != _PROBE.replace(" ", "\u2581"):
+        return None
+    longest = max(len(sp.id_to_piece(i)) for i in range(sp.get_piece_size()))
+    return max([longest] + [len(t) for t in special_ids])
 
 
 def _training_lines(texts_or_file) -> Iterable[str]:

@@ -40,7 +40,7 @@ def load_rows(path: str, seq_length: int, *, tokenizer=None, document_masking: b
     if path.endswith(".jsonl") or path.endswith(".json"):
         if tokenizer is None:
             raise ValueError(f"{path}: jsonl data needs a tokenizer (data.tokenizer)")
-        examples, skipped = read_examples(path, tokenizer, on_error=on_error)
+        examples, skipped = read_examples(path, tokenizer, on_error=on_error, max_tokens=seq_length)
         packed = pack_examples(examples, PackConfig(max_length=seq_length, seed=pack_seed),
                                tokenizer.token_id("<_pad>"), skipped)
         log(f"{path}: {packed.report.summary()}")
