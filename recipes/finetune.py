@@ -24,7 +24,7 @@ from tc2.optim import OptimConfig
 from tc2.parallel.collectives import context_for
 from tc2.parallel.mesh import ParallelConfig
 from tc2.train.loop import fit
-from tc2.train.setup import DataConfig, ModelSource, RunConfig, prepare_finetune, record_of
+from tc2.train.setup import DataConfig, ModelSource, RunConfig, check_groups, prepare_finetune, record_of
 
 
 def build_parser() -> ArgumentParser:
@@ -41,9 +41,10 @@ def build_parser() -> ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    init = parser.instantiate(args)
     t0 = time.perf_counter()
     try:
+        check_groups(args, ("model", "data", "optim", "train", "parallel"))
+        init = parser.instantiate(args)           # the settings check their values (errors name the flag)
         ctx = context_for(init.parallel)          # first: msrun's scheduler process stops here
         log = print if ctx.is_main else (lambda msg: None)
         run = prepare_finetune(init.model, init.data, init.train, ctx, log=log)

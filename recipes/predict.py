@@ -28,6 +28,7 @@ from tc2.inference.load import GenerationOptions, load_for_generation
 from tc2.inference.predict import predict, read_inputs
 from tc2.parallel.collectives import context_for
 from tc2.parallel.mesh import ParallelConfig
+from tc2.train.setup import check_groups
 
 
 def build_parser() -> ArgumentParser:
@@ -58,7 +59,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
+        check_groups(args, ("parallel",))
         ctx = context_for(parser.instantiate(args).parallel)     # first: msrun's scheduler stops here
+        if args.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
         model = load_for_generation(options(args), ctx)
         items = read_inputs(args.input_file)
     except (OSError, KeyError, ValueError, TypeError) as e:
