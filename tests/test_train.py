@@ -241,6 +241,56 @@ def test_document_masking_reaches_the_model(params):
     assert abs(masked - plain) > 1e-4
 
 
+def test_ids_outside_the_vocabulary_are_refused_on_the_host(params):
+    state = init_train_state(params, OPT)
+    good = train_batch(_rows(B, seed=15), PAD)
+    for key, value, message in (("tokens", CFG.vocab_size, "batch row 3 (micro-batch 1), position 7: token id 512 "
+                                 "is outside the model's vocabulary [0, 512) (batch['tokens'])"),
+                                ("labels", -7, "batch row 3 (micro-batch 1), position 7: label -7 is neither "
+                                 "-100 nor an id of the model's vocabulary [0, 512) (batch['labels'])")):
+        bad = {k: v.copy() for k, v in good.items()}
+        bad[key][3, 7] = value
+        with pytest.raises(ValueError) as err:
+            train_step(state, split_micro_batches(bad, 2), CFG, OPT, clip_norm=CLIP)
+        assert str(err.value) == message
+        with pytest.raises(ValueError, match=r"batch row 3, position 7: "):
+            eval_loss_sums(params, bad, CFG)
+    _, m = train_step(state, good, CFG, OPT, clip_norm=CLIP)            # the step still works
+    assert np.isfinite(m["loss"]) and not m["skipped"]
+
+
+def test_load_rows_refuses_ids_outside_the_vocabulary(tmp_path):
+    from tc2.data.records import write_mindrecord
+    from tc2.train.batches import load_rows
+    rows = _rows(5, seed=16)
+    rows["input_ids"][2, 9] = 700
+    path = write_mindrecord(str(tmp_path / "d.mindrecord"), rows)
+    assert load_rows(path, T)["input_ids"][2, 9] == 700                # no vocabulary given: not checked
+    with pytest.raises(ValueError, match=r"d.mindrecord: row 2, position 9: input_ids value 700 is outside "
+                                         r"the model's vocabulary \[0, 512\)"):
+        load_rows(path, T, vocab_size=CFG.vocab_size)
+
+
+def test_a_batch_without_loss_tokens_is_skipped_without_an_update(params, tmp_path):
+    state = init_train_state(params, OPT)
+    empty = train_batch(_rows(B, seed=17), PAD)
+    empty["labels"][:] = IGNORE_INDEX
+    new, m = train_step(state, empty, CFG, OPT, clip_norm=CLIP)
+    assert m["skipped"] == 1.0 and m["no_loss_tokens"] == 1.0 and m["loss_tokens"] == 0 and np.isnan(m["loss"])
+    assert m["lr"] == pytest.approx(1e-2, rel=1e-6)                     # the lr the next update will use
+    assert all(np.array_equal(v, _np(params)[k]) for k, v in _np(new.params).items())   # weight decay too
+    assert int(new.opt_state["count"].asnumpy()) == 0 and int(new.step.asnumpy()) == 1
+    rows = _rows(3 * B, seed=18)
+    rows["labels"][B:2 * B] = IGNORE_INDEX                              # the second batch: nothing to learn
+    log = []
+    batches = TrainBatches(BatchIterator(rows, B, shuffle=False, num_epochs=None), PAD)
+    result = fit(params, CFG, batches, optim=OCFG, log=log.append,
+                 train=TrainConfig(out_dir=str(tmp_path), steps=STEPS, stop_after=3, log_every=1, plot=False))
+    assert "step 2: the batch has no loss tokens (every label is -100): skipped without an update" in log
+    assert [r["skipped"] for r in result.history if r["kind"] == "train"] == [0, 1, 0]
+    assert int(result.state.opt_state["count"].asnumpy()) == 2
+
+
 def test_float16_loss_scaling_skips_overflow_then_grows(params):
     state = init_train_state(params, OPT, LS16)                       # float32 masters, fp16 compute
     before = _np(state.params)

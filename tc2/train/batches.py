@@ -30,10 +30,30 @@ PAD_SEGMENT = 0          # the segment of every pad token; conversations are seg
 
 
 def load_rows(path: str, seq_length: int, *, tokenizer=None, document_masking: bool = False,
-              pack_seed: int = 2024, on_error: str = "raise", log=print) -> Dict[str, np.ndarray]:
+              pack_seed: int = 2024, on_error: str = "raise", vocab_size: Optional[int] = None,
+              log=print) -> Dict[str, np.ndarray]:
     """Packed rows [N, seq_length + 1] from a jsonl file (read + packed with tc2.data; needs the
     tokenizer) or a MindRecord file/directory written by `recipes/preprocess.py` or MindFormers.
+    vocab_size: refuse token ids / labels the model has no row for, naming the file and row.
     """
+    rows = _load_rows(path, seq_length, tokenizer, document_masking, pack_seed, on_error, log)
+    if vocab_size is not None:
+        _check_ids(rows, vocab_size, path)
+    return rows
+
+
+def _check_ids(rows: Mapping[str, np.ndarray], vocab_size: int, where: str) -> None:
+    from tc2.step import first_bad_id
+    for key, allowed in (("input_ids", None), ("labels", IGNORE_INDEX)):
+        bad = first_bad_id(rows[key], vocab_size, allowed)
+        if bad is not None:
+            (r, t), v = bad
+            rule = "is neither -100 nor an id of" if allowed is not None else "is outside"
+            raise ValueError(f"{where}: row {r}, position {t}: {key} value {v} {rule} the model's "
+                             f"vocabulary [0, {vocab_size}) (a tokenizer or data file for another model?)")
+
+
+def _load_rows(path, seq_length, tokenizer, document_masking, pack_seed, on_error, log):
     from tc2.data.sft import PackConfig, pack_examples, read_examples, segments_from_rows
     from tc2.data.records import mindrecord_path, read_mindrecord
 

@@ -212,7 +212,10 @@ class _Run:
             raise
         dt = time.perf_counter() - t0
         self.step += 1
-        if m["skipped"] and self.loss_scale is None:
+        if m.get("no_loss_tokens"):
+            self.say(f"step {self.step}: the batch has no loss tokens (every label is -100): "
+                     "skipped without an update")
+        elif m["skipped"] and self.loss_scale is None:
             last = self.ckpt if self.ckpt else f"none (nothing saved in {self.train.out_dir} yet)"
             raise NonFiniteLossError(f"step {self.step}: loss {m['loss']} / grad norm {m['grad_norm']} is "
                                      f"not finite; the run stopped without applying it. Last good "

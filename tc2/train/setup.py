@@ -148,7 +148,7 @@ def prepare_finetune(model: ModelSource, data: DataConfig, run: RunConfig, ctx: 
                          f"vocab_size is {cfg.vocab_size}")
     pad_id = tokenizer.pad_id if tokenizer is not None else cfg.pad_token_id
     kw = dict(tokenizer=tokenizer, document_masking=data.document_masking, pack_seed=data.pack_seed,
-              on_error="skip" if data.skip_bad_lines else "raise", log=log)
+              on_error="skip" if data.skip_bad_lines else "raise", vocab_size=cfg.vocab_size, log=log)
     rows = load_rows(data.train, data.seq_length, **kw)
     eval_rows = load_rows(data.eval, data.seq_length, **kw) if data.eval else None
     if data.eval_fraction:
