@@ -31,6 +31,7 @@ from tc2.optim import OptimConfig, make_optimizer
 from tc2.train.loop import NonFiniteLossError, TrainConfig, evaluate, fit
 from tc2.tree import tree_flatten_with_names
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = tiny()
 CFG16 = tiny(dtype="float16")
 B, T, PAD = 4, 64, 3
@@ -608,3 +609,85 @@ def test_recipe_runs_end_to_end_on_jsonl(tmp_path, capsys):
     assert "the layout dp8 needs 8 processes" in capsys.readouterr().err   # outside msrun: a clear error
     with pytest.raises(ValueError, match="not executed yet.*zero=1"):   # planned-only modes: refused
         context_for(ParallelConfig(dp=2, zero=1))
+
+
+# --------------------------------------------------------------------------- run guards
+
+
+def test_a_second_run_on_a_busy_out_dir_fails_at_once(params, tmp_path, capsys):
+    import subprocess
+    import time
+    from tc2.train.guard import OutDirInUse
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom tc2.train.guard import out_dir_lock\n"
+                               "with out_dir_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": REPO, "GLOG_v": "3"})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        with pytest.raises(OutDirInUse) as err:
+            fit(params, CFG, _batches(_rows(8, seed=19)), optim=OCFG, log=lambda s: None,
+                train=TrainConfig(out_dir=str(tmp_path), steps=2, plot=False))
+        assert str(err.value).startswith(f"{tmp_path} is in use by another training run (pid {holder.pid} holds")
+        assert time.perf_counter() - t0 < 5 and sorted(os.listdir(tmp_path)) == [".lock"]   # nothing written
+        fin = _recipe()
+        argv = ["--config", os.path.join(REPO, "recipes", "configs", "finetune_tiny.yaml"), "--train.out_dir",
+                str(tmp_path), "--data.train", "nope.mindrecord"]
+        assert fin.main(argv) == 2
+        assert f"is in use by another training run (pid {holder.pid} holds" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    fit(params, CFG, _batches(_rows(8, seed=19)), optim=OCFG, log=lambda s: None,     # released with its holder
+        train=TrainConfig(out_dir=str(tmp_path), steps=1, plot=False))
+
+
+@pytest.fixture(scope="module")
+def jsonl_data(tmp_path_factory):
+    """A small MindFormers-format dataset and a tokenizer trained on its kind of text."""
+    from tc2.data.synthetic import corpus_text, make_examples
+    from tc2.data.tokenizer import train_tokenizer
+    root = tmp_path_factory.mktemp("jsonl")
+    with open(root / "train.jsonl", "w", encoding="utf-8") as f:
+        for e in make_examples(120, seed=1):
+            f.write(json.dumps({"input": e.question, "output": e.answer}, ensure_ascii=False) + "\n")
+    tok = train_tokenizer(corpus_text(make_examples(400, seed=3)), str(root / "tok"), vocab_size=512)
+    return str(root / "train.jsonl"), tok
+
+
+def test_ctrl_c_saves_the_last_complete_step_and_says_how_to_resume(jsonl_data, tmp_path):
+    """A real SIGINT to a running finetune.py (MindSpore turns it into SIGTERM): the step in flight
+    finishes, it is saved, the run exits 130 naming the checkpoint; resuming continues from it."""
+    import signal
+    import subprocess
+    train, tok = jsonl_data
+    out = tmp_path / "run"
+    argv = [sys.executable, os.path.join(REPO, "recipes", "finetune.py"), "--config",
+            os.path.join(REPO, "recipes", "configs", "finetune_tiny.yaml"), "--model.overrides", "{}",
+            "--data.train", train, "--data.eval", "null", "--data.tokenizer", tok, "--data.seq_length", str(T),
+            "--train.steps", "500",
+            "--train.epochs", "null", "--train.global_batch", str(B), "--train.micro_batch", str(B),
+            "--train.log_every", "1", "--train.save_every", "0", "--train.plot", "false", "--train.out_dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": REPO, "GLOG_v": "3", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stdout:                                 # wait until training runs in graph mode
+        lines.append(line)
+        if re.match(r"step +3/500", line):
+            break
+    os.kill(proc.pid, signal.SIGINT)
+    rest, err = proc.communicate(timeout=300)
+    printed = "".join(lines) + rest
+    assert proc.returncode == 130, printed[-2000:] + err[-2000:]
+    done = re.search(r"interrupted after step (\d+): checkpoint (\S+); resume with --train.resume true", printed)
+    assert done, printed[-2000:] + err[-2000:]
+    step, ckpt = int(done.group(1)), done.group(2)
+    assert step >= 3 and ckpt == str(out / f"step_{step:08d}") and [s for s, _ in list_checkpoints(str(out))] == [step]
+    assert validate_checkpoint(ckpt)["step"] == step
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(x)["step"] for x in f][-1] == step             # every finished step logged, no more
+    r = subprocess.run(argv + ["--train.resume", "true", "--train.stop_after", str(step + 1)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resume: continuing from {ckpt} (step {step})" in r.stdout
+    assert [s for s, _ in list_checkpoints(str(out))] == [step, step + 1]
