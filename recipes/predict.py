@@ -24,6 +24,7 @@ import time
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from tc2.files import write_jsonl_atomic
+from tc2.inference.chat import Interrupts
 from tc2.inference.load import GenerationOptions, load_for_generation
 from tc2.inference.predict import predict, read_inputs
 from tc2.parallel.collectives import context_for
@@ -75,10 +76,15 @@ def main(argv=None) -> int:
         if args.print_outputs and ctx.is_main:
             print(json.dumps({"input": items[i]["input"], "output": text}, ensure_ascii=False), flush=True)
     try:                                   # with dp groups, rank 0 sees the others' answers at the end
-        answers = predict(model, items, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          system=args.system, style=args.style, on_answer=show if ctx.dp == 1 else None, log=say)
+        with Interrupts(enabled=ctx.size == 1):   # Ctrl-C: a message, not MindSpore's silent SIGTERM
+            answers = predict(model, items, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              system=args.system, style=args.style, on_answer=show if ctx.dp == 1 else None,
+                              log=say)
     except (OSError, KeyError, ValueError, TypeError) as e:
         return fail(e)
+    except KeyboardInterrupt:
+        say(f"interrupted: nothing written to {args.output_file} (the answers printed so far are complete)")
+        return 130
     if ctx.dp > 1:
         for i, text in enumerate(answers):
             show(i, text)

@@ -346,6 +346,23 @@ def test_ctrl_c_at_the_chat_prompt_keeps_the_session(model_dir):
         proc.wait()
 
 
+def test_ctrl_c_during_predict_exits_with_a_message_and_writes_nothing(model_dir, tmp_path):
+    import signal
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"input": f"hello world {i}"}) + "\n" for i in range(60)), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": REPO, "GLOG_v": "3", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "recipes", "predict.py"), "--checkpoint", model_dir,
+                             "--input_file", str(inp), "--output_file", str(out), "--max_new_tokens", "40",
+                             "--max_len", "128", "--system", "hi", "--batch_size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = proc.stdout.readline()                                    # one answer done: graphs have run
+    assert first.startswith('{"input"'), first + proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"interrupted: nothing written to {out}" in err and not out.exists()
+
+
 def test_vocab_limit_keeps_generation_inside_the_tokenizer(params, greedy):
     assert max(max(g) for g in greedy) >= 256                         # precondition: it would go above
     limited = generate_ids(params, CFG, PROMPTS, max_new_tokens=20, stop_ids=(), vocab_limit=256)
