@@ -345,6 +345,42 @@ def test_bad_files(tok, tmp_path):
     assert not os.path.exists(tmp_path / "o.mindrecord")
 
 
+def test_full_disk_fails_before_writing_and_leaves_no_temp_dir(tok, tmp_path, monkeypatch, recipe, capsys):
+    """MindSpore's MindRecord writer segfaults on a full disk: the space is checked first; a
+    writer that fails anyway leaves no temp dir, and a killed writer's temp dir is swept later.
+    The previous output stays as it was."""
+    import collections
+    import mindspore.mindrecord
+    import tc2.data.records as records
+    good = jsonl(tmp_path / "good.jsonl", [{"input": f"q{k}", "output": "answer"} for k in range(20)])
+    out = tmp_path / "out" / "x.mindrecord"
+    preprocess(good, tok, str(out), pack=PackConfig(max_length=64))
+    before = out.read_bytes()
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(records.shutil, "disk_usage", lambda d: Usage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
+    argv = ["--input_dataset_file", good, "--vocab_file_path", tok.path, "--max_length", "64",
+            "--output_path", str(out), "--no_progress"]
+    assert recipe.main(argv) == 2
+    assert (f"error: {out.parent}: 5 MiB free, but the MindRecord needs about 64 MiB: free some space or "
+            "write elsewhere (nothing was written)") in capsys.readouterr().err
+    assert sorted(os.listdir(out.parent)) == ["x.mindrecord", "x.mindrecord.db"] and out.read_bytes() == before
+    monkeypatch.undo()
+
+    class FullDisk(mindspore.mindrecord.FileWriter):
+        def write_raw_data(self, raw_data, *args, **kwargs):
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(mindspore.mindrecord, "FileWriter", FullDisk)
+    with pytest.raises(OSError, match="No space left on device"):
+        preprocess(good, tok, str(out), pack=PackConfig(max_length=64, seed=1))
+    assert sorted(os.listdir(out.parent)) == ["x.mindrecord", "x.mindrecord.db"] and out.read_bytes() == before
+    monkeypatch.undo()
+    stale = out.parent / ".tmp_mindrecord_999999999_abc"                 # a writer that was killed
+    stale.mkdir()
+    (stale / "x.mindrecord").write_bytes(b"partial")
+    preprocess(good, tok, str(out), pack=PackConfig(max_length=64, seed=1))
+    assert sorted(os.listdir(out.parent)) == ["x.mindrecord", "x.mindrecord.db"]
+
+
 # --- the recipe -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def recipe():
