@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             result = fit(run.params, run.cfg, run.batches, optim=init.optim, train=run.train,
                          parallel=init.parallel, eval_batches=run.evals,
                          meta={"recipe": "finetune", "config": record_of(args)}, log=log)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except (ValueError, KeyError, OSError, FloatingPointError) as e:   # OSError: paths, space, permissions
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

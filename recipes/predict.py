@@ -18,7 +18,9 @@ generation_config (spec §8).
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -55,6 +57,16 @@ def fail(e: BaseException) -> int:
     return 2
 
 
+def check_writable(path: str) -> None:
+    """OSError (naming the directory) unless a file can be created next to `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as e:
+        raise OSError(f"--output_file {path}: cannot write in {directory} ({e.strerror or e})") from None
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,6 +76,8 @@ def main(argv=None) -> int:
         ctx = context_for(parser.instantiate(args).parallel)     # first: msrun's scheduler stops here
         if args.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+        if ctx.is_main:                    # fail now, not after generating every answer
+            check_writable(args.output_file)
         model = load_for_generation(options(args), ctx)
         items = read_inputs(args.input_file)
     except (OSError, KeyError, ValueError, TypeError) as e:

@@ -410,3 +410,6 @@ def test_recipe_end_to_end_and_errors(recipe, tok, tmp_path, capsys):
     assert recipe.main(["--input_dataset_file", good, "--vocab_file_path", str(tmp_path / "no.model"),
                         "--output_path", out2, "--no_progress"]) == 2
     assert "tokenizer model not found" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")                                  # unwritable output: before reading
+    assert recipe.main(argv[:6] + ["--output_path", str(tmp_path / "a_file" / "o.mindrecord"), "--no_progress"]) == 2
+    assert f"error: output_path: cannot write in {tmp_path / 'a_file'}" in capsys.readouterr().err

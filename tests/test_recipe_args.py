@@ -122,3 +122,16 @@ def test_generation_bad_values_name_the_flag(name, flags, message, capsys):
     assert _recipe(name).main(REQUIRED[name] + flags) == 2        # before any checkpoint is read
     err = capsys.readouterr().err
     assert message in err, err
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys):
+    """An output under a regular file (unwritable even for root): a one-line error naming the path."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    fin = _recipe("finetune")
+    config = os.path.join(REPO, "recipes", "configs", "finetune_tiny.yaml")
+    assert fin.main(["--config", config, "--train.out_dir", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(blocker) in err and "Traceback" not in err, err
+    assert _recipe("predict").main(REQUIRED["predict"] + ["--output_file", str(blocker / "out.jsonl")]) == 2
+    assert f"--output_file {blocker / 'out.jsonl'}: cannot write in {blocker}" in capsys.readouterr().err

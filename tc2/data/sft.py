@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -415,6 +416,14 @@ def segments_from_rows(input_ids: np.ndarray, start_id: int, pad_id: int
     return seg, pos
 
 
+def _check_writable(directory: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as e:
+        raise OSError(f"output_path: cannot write in {directory} ({e.strerror or e})") from None
+
+
 def preprocess(input_path: str, tokenizer, output_path: str, *,
                tokens: ChatTokens = ChatTokens(), pack: PackConfig = PackConfig(),
                on_error: str = "raise", write_segments: bool = False,
@@ -427,6 +436,7 @@ def preprocess(input_path: str, tokenizer, output_path: str, *,
     """
     from tc2.data.records import mindrecord_path, write_mindrecord  # mindspore import only when writing
     pad_id = tokens.ids(tokenizer)["pad"]
+    _check_writable(os.path.dirname(os.path.abspath(mindrecord_path(output_path))))   # before the long read
     examples, skipped = read_examples(input_path, tokenizer, tokens, on_error=on_error,
                                       max_tokens=pack.max_length, progress=progress)
     packed = pack_examples(examples, pack, pad_id, skipped)
