@@ -24,6 +24,7 @@ from tc2.inference.chat import HELP, ChatSession, chat_loop, null_streams
 from tc2.inference.load import GenerationOptions, load_for_generation
 from tc2.parallel.collectives import context_for
 from tc2.parallel.mesh import ParallelConfig
+from tc2.train.setup import check_groups
 
 
 def build_parser() -> ArgumentParser:
@@ -41,6 +42,7 @@ def main(argv=None, *, stdin=None, stdout=None, stderr=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_groups(args, ("parallel",))
         ctx = context_for(parser.instantiate(args).parallel)     # first: msrun's scheduler stops here
         opts = GenerationOptions(**{k: args[k] for k in GenerationOptions.__dataclass_fields__})
         model = load_for_generation(opts, ctx)

@@ -3,6 +3,7 @@
     python recipes/convert.py hf-to-mf  TeleChat2-7B/ telechat2_7b.ckpt [--dtype bfloat16]
     python recipes/convert.py mf-to-hf  output/checkpoint/ hf_out/ --mf_yaml finetune_telechat_35b.yaml \\
                                         [--pattern '*-1_1500.ckpt'] [--max_shard_size 5GB]
+    python recipes/convert.py mf-to-hf  small.ckpt hf_out/ --n_head 8 --seq_length 4096   # a non-release size
     python recipes/convert.py tc2-to-hf runs/sft/step_001000/ export/ --dtype bfloat16 --max_shard_size 5GB
     python recipes/convert.py split     TeleChat2-35B/ tp4/ --tp 4
     python recipes/convert.py merge     tp4/ merged/
@@ -41,12 +42,16 @@ def _source_flags(p: ArgumentParser) -> None:
     p.add_argument("--n_head", type=Optional[int], default=None,
                    help="attention heads, when the source has no config (only needed for non-release sizes)")
     p.add_argument("--mf_yaml", type=Optional[str], default=None,
-                   help="MindFormers yaml of the run: model_config and parallel_config (model_parallel, "
-                        "vocab_emb_dp)")
+                   help="MindFormers yaml of the run: model_config, parallel_config (model_parallel, "
+                        "data_parallel, vocab_emb_dp) and parallel (enable_parallel_optimizer: needed to merge "
+                        "an optimizer-parallel rank_*/ checkpoint)")
     p.add_argument("--config", type=Optional[str], default=None,
                    help="an HF config.json (or its directory) describing the model")
     p.add_argument("--pattern", type=str, default="*.ckpt",
                    help="glob choosing the .ckpt in each rank_* directory (when there are several)")
+    p.add_argument("--seq_length", type=Optional[int], default=None,
+                   help="seq_length = training_seqlen = base_seqlen of a non-release size when no --mf_yaml or "
+                        "--config gives them (the weights do not; they set where dynamic NTK starts)")
 
 
 def build_parser() -> ArgumentParser:
@@ -79,7 +84,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cmd = args.command
     a = args[cmd]
-    hints = {k: a[k] for k in ("n_head", "mf_yaml", "config") if a[k] is not None}
+    hints = {k: a[k] for k in ("n_head", "mf_yaml", "config", "seq_length") if a[k] is not None}
     hints["pattern"] = a.pattern
     try:
         if cmd == "verify":

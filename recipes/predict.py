@@ -18,16 +18,20 @@ generation_config (spec §8).
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from tc2.files import write_jsonl_atomic
+from tc2.inference.chat import Interrupts
 from tc2.inference.load import GenerationOptions, load_for_generation
 from tc2.inference.predict import predict, read_inputs
 from tc2.parallel.collectives import context_for
 from tc2.parallel.mesh import ParallelConfig
+from tc2.train.setup import check_groups
 
 
 def build_parser() -> ArgumentParser:
@@ -53,12 +57,27 @@ def fail(e: BaseException) -> int:
     return 2
 
 
+def check_writable(path: str) -> None:
+    """OSError (naming the directory) unless a file can be created next to `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as e:
+        raise OSError(f"--output_file {path}: cannot write in {directory} ({e.strerror or e})") from None
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
+        check_groups(args, ("parallel",))
         ctx = context_for(parser.instantiate(args).parallel)     # first: msrun's scheduler stops here
+        if args.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+        if ctx.is_main:                    # fail now, not after generating every answer
+            check_writable(args.output_file)
         model = load_for_generation(options(args), ctx)
         items = read_inputs(args.input_file)
     except (OSError, KeyError, ValueError, TypeError) as e:
@@ -71,10 +90,15 @@ def main(argv=None) -> int:
         if args.print_outputs and ctx.is_main:
             print(json.dumps({"input": items[i]["input"], "output": text}, ensure_ascii=False), flush=True)
     try:                                   # with dp groups, rank 0 sees the others' answers at the end
-        answers = predict(model, items, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          system=args.system, style=args.style, on_answer=show if ctx.dp == 1 else None, log=say)
+        with Interrupts(enabled=ctx.size == 1):   # Ctrl-C: a message, not MindSpore's silent SIGTERM
+            answers = predict(model, items, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              system=args.system, style=args.style, on_answer=show if ctx.dp == 1 else None,
+                              log=say)
     except (OSError, KeyError, ValueError, TypeError) as e:
         return fail(e)
+    except KeyboardInterrupt:
+        say(f"interrupted: nothing written to {args.output_file} (the answers printed so far are complete)")
+        return 130
     if ctx.dp > 1:
         for i, text in enumerate(answers):
             show(i, text)

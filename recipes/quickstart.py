@@ -140,7 +140,10 @@ def _evaluate_heldout(params, cfg, tok, held_ex, max_new_tokens, show):
 
 
 def main(argv=None) -> int:
-    CLI(run, args=argv)
+    try:
+        CLI(run, args=argv)
+    except KeyboardInterrupt:              # fit saved its last step and said so
+        return 130
     return 0
 
 

@@ -7,12 +7,42 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 DTYPES = ("float32", "float16", "bfloat16")
 IGNORE_INDEX = -100                   # the label of a position that carries no loss (HF / MindFormers)
+
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "n_layer", "n_head", "num_key_value_heads", "ffn_hidden_size",
+                  "training_seqlen", "base_seqlen", "seq_length")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_POSITIVE_FLOATS = ("layer_norm_epsilon", "rope_theta", "initializer_range")
+_BOOLS = ("tie_word_embeddings", "flash_attn")
+
+
+def field_problem(name: str, value, vocab_size: int = 131072):
+    """What is wrong with `value` for the ModelConfig field `name` ("must be a positive int,
+    got '4096' (str)"), or None if it fits: ints are ints (not bools, floats or strings) and
+    positive, token ids within the vocabulary, epsilons and bases finite and positive."""
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if name in _BOOLS:
+        ok, want = isinstance(value, bool), "true or false"
+    elif name in _POSITIVE_FLOATS:
+        low = 0 if name == "initializer_range" else None
+        ok = real and math.isfinite(value) and (value > 0 or value == low)
+        want = "a finite number >= 0" if low == 0 else "a finite number > 0"
+    elif name in _TOKEN_IDS:
+        ok, want = integral and 0 <= value < vocab_size, f"an int in [0, vocab_size={vocab_size})"
+    elif name in _POSITIVE_INTS:
+        ok, want = integral and value > 0, "a positive int"
+    else:
+        return None
+    return None if ok else f"must be {want}, got {value!r} ({type(value).__name__})"
 
 
 @dataclass(frozen=True)
@@ -37,15 +67,27 @@ class ModelConfig:
     dtype: str = "float32"            # compute dtype; parameters stay float32 (master)
 
     def __post_init__(self):
+        self._check_types()
         if self.hidden_size % self.n_head:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
         if self.n_head % self.num_key_value_heads:
             raise ValueError(f"n_head {self.n_head} is not a multiple of num_key_value_heads "
                              f"{self.num_key_value_heads}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.tie_word_embeddings:
             raise ValueError("tie_word_embeddings=True is not a TeleChat2 layout (the release unties them)")
+
+    def _check_types(self) -> None:
+        """Every field of the right type and range (a config.json may say "4096" or -1), each
+        number normalized to a plain int / float; the error names the field."""
+        for name in _POSITIVE_INTS + _TOKEN_IDS + _POSITIVE_FLOATS + _BOOLS:
+            v = getattr(self, name)
+            problem = field_problem(name, v, self.vocab_size)
+            if problem:
+                raise ValueError(f"{name} {problem}")
+            if not isinstance(v, bool):
+                object.__setattr__(self, name, float(v) if name in _POSITIVE_FLOATS else int(v))
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     @property
     def head_dim(self) -> int:
@@ -82,6 +124,10 @@ class ModelConfig:
                     source = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+        if not isinstance(source, Mapping):
+            raise ValueError(f"{where}: a config must be a JSON object of keys, got {type(source).__name__}")
         hf = dict(source)
         if hf.get("model_type", "telechat") != "telechat":
             raise ValueError(f"{where}: model_type is {hf['model_type']!r}, expected 'telechat'")

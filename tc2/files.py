@@ -5,27 +5,121 @@ name next to its destination and is renamed into place only once complete, so a 
 disk or Ctrl-C never leaves a half-written file where a complete one was expected, and never
 destroys the previous version. `StagedDir` does the same for a set of files that must appear
 together (a sharded checkpoint directory).
+
+The temporary name is `<file>.partial-<host>-<pid>`. A writer killed outright (SIGKILL, power
+loss) cannot remove its temporaries, so the next write into that directory does
+(`remove_stale_partials`): those of this host whose process is gone. An OSError while writing
+(a full disk, a read-only directory) is re-raised naming the destination file, not the
+temporary (`naming_write_errors`); the directories a failed write created are removed again.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 from contextlib import contextmanager
 from typing import Iterable, List, Tuple, Union
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+_PARTIAL = re.compile(r"(?P<final>.+)\.partial-(?:(?P<host>.+)-)?(?P<pid>\d+)")
 
 
 def partial_name(path: str) -> str:
     """The temporary name a file is written under before it is renamed to `path`."""
-    return f"{path}.partial-{os.getpid()}"
+    return f"{path}.partial-{_HOST}-{os.getpid()}"
+
+
+def destination_of(path: str) -> str:
+    """The file a temporary name (`partial_name`) stands for; other paths unchanged."""
+    m = _PARTIAL.fullmatch(path)
+    return m.group("final") if m else path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def remove_stale_partials(directory: str) -> List[str]:
+    """Remove the temporaries (`partial_name`) in `directory` left by writers of this host whose
+    process is gone; returns their names. Those of live processes (a concurrent writer) and of
+    other hosts (a shared filesystem) are left alone."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = _PARTIAL.fullmatch(name)
+        if not m or m.group("host") not in (None, _HOST):
+            continue
+        pid = int(m.group("pid"))
+        path = os.path.join(directory, name)
+        if pid == os.getpid() or pid_alive(pid) or not os.path.isfile(path) or os.path.islink(path):
+            continue
+        try:
+            os.remove(path)
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+@contextmanager
+def naming_write_errors(dest: str):
+    """Re-raise an OSError of the block as one naming `dest` (or the destination of the
+    temporary it names): `write()` on a full disk raises "[Errno 28] No space left on device"
+    with no file name at all."""
+    try:
+        yield
+    except OSError as e:
+        where = destination_of(e.filename if isinstance(e.filename, str) else dest)
+        if e.errno is None or where == e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, where) from e
+
+
+def make_dirs(path: str) -> List[str]:
+    """os.makedirs(path, exist_ok=True) that returns the directories it created, parents first."""
+    missing = []
+    d = path
+    while d and not os.path.isdir(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    created = []
+    with naming_write_errors(path):
+        for d in reversed(missing):
+            os.mkdir(d)
+            created.append(d)
+    return created
+
+
+def remove_empty_dirs(dirs: Iterable[str]) -> None:
+    """Remove `dirs` (as `make_dirs` returned them) that are empty, deepest first."""
+    for d in reversed(list(dirs)):
+        if os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)
 
 
 @contextmanager
 def atomic_file(path: str):
-    """Yield a temporary name next to `path`; renamed to `path` only if the block succeeds."""
+    """Yield a temporary name next to `path`; renamed to `path` only if the block succeeds.
+    Temporaries of dead writers in that directory are removed first."""
+    remove_stale_partials(os.path.dirname(os.path.abspath(path)))
     tmp = partial_name(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        with naming_write_errors(path):
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -33,11 +127,14 @@ def atomic_file(path: str):
 
 def write_atomic(path: str, data: Union[str, bytes]) -> None:
     """Write `data` (text as UTF-8) to `path` atomically, creating its directory if needed."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    with atomic_file(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    created = make_dirs(os.path.dirname(os.path.abspath(path)))
+    try:
+        with atomic_file(path) as tmp, naming_write_errors(path):
+            with open(tmp, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
 
 
 def json_text(obj) -> str:
@@ -70,11 +167,12 @@ def fsync_path(path: str) -> None:
 class StagedDir:
     """Output files of one directory that appear together or not at all.
 
-    Every file goes under `<file>.partial-<pid>` (`file(rel)` gives that name) and is renamed in
-    at `commit`, after which `stale` files (e.g. left by an older, differently sharded save)
-    are removed. `abort` removes the temporaries and the directories this created, so a failed
-    write leaves `dest` as it was (or absent). As a context manager, leaving without `commit`
-    (an exception) aborts.
+    Every file goes under `<file>.partial-<host>-<pid>` (`file(rel)` gives that name) and is
+    renamed in at `commit`, after which `stale` files (e.g. left by an older, differently
+    sharded save) are removed. `abort` removes the temporaries and the directories this
+    created, so a failed write leaves `dest` as it was (or absent). As a context manager,
+    leaving without `commit` (an exception) aborts. Temporaries of dead writers in the
+    directories written to are removed first.
     """
 
     def __init__(self, dest: str):
@@ -98,22 +196,19 @@ class StagedDir:
         return tmp
 
     def _makedirs(self, d: str) -> None:
-        missing = []
-        while d and not os.path.isdir(d):
-            missing.append(d)
-            d = os.path.dirname(d)
-        for d in reversed(missing):
-            os.mkdir(d)
-            self._dirs.append(d)
+        self._dirs += make_dirs(d)
+        remove_stale_partials(d)
 
     def json(self, rel: str, obj) -> None:
-        with open(self.file(rel), "w", encoding="utf-8") as f:
+        path = self.file(rel)
+        with naming_write_errors(path), open(path, "w", encoding="utf-8") as f:
             f.write(json_text(obj))
 
     def commit(self, stale: Iterable[str] = ()) -> None:
         """Rename every file in; then remove `stale` (paths relative to dest) not just written."""
         for tmp, final in self._files:
-            os.replace(tmp, final)
+            with naming_write_errors(final):
+                os.replace(tmp, final)
         written = {os.path.normpath(final) for _, final in self._files}
         for rel in stale:
             p = os.path.normpath(os.path.join(self.dest, rel))
@@ -125,9 +220,7 @@ class StagedDir:
         for tmp, _ in self._files:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        for d in reversed(self._dirs):
-            if os.path.isdir(d) and not os.listdir(d):
-                os.rmdir(d)
+        remove_empty_dirs(self._dirs)
 
     def __enter__(self):
         return self

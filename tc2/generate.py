@@ -20,7 +20,6 @@ position are gathered before sampling, so every process picks the same tokens.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -29,6 +28,7 @@ import numpy as np
 from mindspore import ops
 
 from tc2.cache import PAD_POS, init_cache
+from tc2.compiled import forget_after_failure
 from tc2.config import ModelConfig
 from tc2.context import LOCAL, ParallelContext
 from tc2.model import forward, gather_logits
@@ -123,7 +123,7 @@ def pack_prompts(prompts, cfg: ModelConfig, *, max_new_tokens: int,
     return PromptBatch(tokens, positions, lengths, budgets, cache_len)
 
 
-@functools.lru_cache(maxsize=16)
+@forget_after_failure
 def compiled_steps(cfg: ModelConfig, sampling: Optional[SamplingConfig], vocab_limit: Optional[int] = None,
                    ctx: ParallelContext = LOCAL):
     """(prefill, decode): the same step under two `ms.jit` objects, compiled once per shapes.

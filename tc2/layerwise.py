@@ -15,12 +15,12 @@ under any parallel context (the collectives are inside the layer's forward and b
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import mindspore as ms
 from mindspore import ops
 
+from tc2.compiled import forget_after_failure
 from tc2.config import ModelConfig
 from tc2.context import ParallelContext
 from tc2.layer import decoder_layer, layer_backward_full, layer_backward_selective
@@ -42,7 +42,7 @@ def _add(acc, grads):
     return tree_map(lambda a, g: a + g, acc, grads)
 
 
-@functools.lru_cache(maxsize=16)
+@forget_after_failure
 def compiled_graphs(cfg: ModelConfig, ctx: ParallelContext, recompute: str) -> _Graphs:
     """The jitted pieces of one layer-by-layer step (each compiled on first use, once)."""
     selective = recompute == "selective"

@@ -9,7 +9,6 @@ Weights keep the checkpoint orientation [out, in], so HF conversion is a rename.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Tuple
@@ -19,6 +18,7 @@ import numpy as np
 from mindspore import ops
 
 from tc2.cache import PAD_POS, cache_slots, write_slots
+from tc2.compiled import forget_after_failure
 from tc2.config import IGNORE_INDEX, ModelConfig
 from tc2.context import LOCAL, ParallelContext
 from tc2.layer import decoder_layer
@@ -229,7 +229,7 @@ def loss_fn(params, tokens, labels, cfg: ModelConfig, *, positions=None, segment
     return total / ops.maximum(count, 1.0)
 
 
-@functools.lru_cache(maxsize=32)
+@forget_after_failure(maxsize=32)
 def _jitted_forward(cfg: ModelConfig):
     @ms.jit
     def fwd(params, tokens, positions):

@@ -270,6 +270,17 @@ class OptimConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        checks = {"lr": self.lr >= 0, "end_lr": self.end_lr >= 0, "warmup_ratio": 0 <= self.warmup_ratio < 1,
+                  "b1": 0 <= self.b1 < 1, "b2": 0 <= self.b2 < 1, "eps": self.eps > 0,
+                  "weight_decay": self.weight_decay >= 0,
+                  "clip_norm": self.clip_norm is None or self.clip_norm >= 0}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            rule = {"lr": ">= 0", "end_lr": ">= 0", "warmup_ratio": "in [0, 1)", "b1": "in [0, 1)",
+                    "b2": "in [0, 1)", "eps": "> 0", "weight_decay": ">= 0", "clip_norm": ">= 0 or null"}[bad[0]]
+            raise ValueError(f"--optim.{bad[0]} must be {rule}, got {getattr(self, bad[0])!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"--optim.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
 
 
 @functools.lru_cache(maxsize=32)

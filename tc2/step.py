@@ -35,15 +35,15 @@ The finiteness test reads the reduced gradients, so every process takes the same
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
 from einops import rearrange
 from mindspore import ops
 
+from tc2.compiled import forget_after_failure
 from tc2.config import IGNORE_INDEX, ModelConfig
 from tc2.context import LOCAL, ParallelContext
 from tc2.layer import RECOMPUTE
@@ -146,6 +146,33 @@ def count_loss_tokens(labels) -> int:
     return int((np.asarray(labels) != IGNORE_INDEX).sum())
 
 
+def first_bad_id(ids, vocab_size: int, allowed: Optional[int] = None) -> Optional[Tuple[tuple, int]]:
+    """(index, value) of the first entry outside [0, vocab_size) (other than `allowed`), or None."""
+    a = np.asarray(ids)
+    bad = (a < 0) | (a >= vocab_size)
+    if allowed is not None:
+        bad &= a != allowed
+    if not bad.any():
+        return None
+    at = tuple(int(i) for i in np.argwhere(bad)[0])
+    return at, int(a[at])
+
+
+def check_token_ids(mb: dict, vocab_size: int) -> None:
+    """Refuse, on the host, token ids and labels the model has no row for (inside the graph they
+    are a Gather / cross-entropy error naming neither row nor id, which also breaks the cached
+    step: tc2.compiled). mb: [k, B, T] micro-batches; rows are numbered as in the batch given."""
+    for key, allowed, what in (("tokens", None, "token id"), ("labels", IGNORE_INDEX, "label")):
+        bad = first_bad_id(mb[key], vocab_size, allowed)
+        if bad is not None:
+            (k, r, t), v = bad
+            rows = mb[key].shape[1]
+            where = f"batch row {k * rows + r}" + (f" (micro-batch {k})" if mb[key].shape[0] > 1 else "")
+            rule = ("is neither -100 nor an id of" if allowed is not None else "is outside")
+            raise ValueError(f"{where}, position {t}: {what} {v} {rule} the model's vocabulary "
+                             f"[0, {vocab_size}) (batch[{key!r}])")
+
+
 # --------------------------------------------------------------------------- the step
 
 
@@ -163,7 +190,7 @@ def _sum_dpcp(x, ctx: ParallelContext):
     return ctx.sum_dpcp(x.reshape(1))[0]
 
 
-@functools.lru_cache(maxsize=16)
+@forget_after_failure
 def _compiled_grad(cfg: ModelConfig, ctx: ParallelContext):
     """acc + d(weight * loss_sum)/d params for one micro-batch: the whole model as one graph."""
     def objective(params, tokens, labels, positions, segment_ids, seq_len, weight):
@@ -182,9 +209,11 @@ def _mut(tree):
     return None if tree is None else ms.mutable(tree)
 
 
-def _local_micro_batches(batch: dict, ctx: ParallelContext):
-    """(this process's micro-batches as tuples of Tensors in LOCAL_KEYS order, global loss tokens)."""
+def _local_micro_batches(batch: dict, ctx: ParallelContext, vocab_size: int):
+    """(this process's micro-batches as tuples of Tensors in LOCAL_KEYS order, global loss tokens,
+    global tokens); ids are checked against the vocabulary first."""
     mb = as_micro_batches(batch)
+    check_token_ids(mb, vocab_size)
     n_loss = count_loss_tokens(mb["labels"])
     parts = []
     for i in range(mb["tokens"].shape[0]):
@@ -214,10 +243,21 @@ def grads_and_loss(params, batch: dict, cfg: ModelConfig, *, ctx: ParallelContex
     """(gradient of the batch's token-mean loss w.r.t. this process's params (float32 tree, not
     yet summed over dp x cp), this process's share of that loss (float), global loss-token
     count), accumulated over the batch's micro-batches exactly as `train_step` does."""
-    parts, n_loss, _ = _local_micro_batches(batch, ctx)
+    parts, n_loss, _ = _local_micro_batches(batch, ctx, cfg.vocab_size)
     inv_count = ms.Tensor(1.0 / max(n_loss, 1), ms.float32)
     grads, loss_sum = _accumulate(params, parts, cfg, ctx, inv_count, recompute)
     return grads, float((loss_sum * inv_count).asnumpy()), n_loss
+
+
+def _skip_empty(state: TrainState, optimizer: GradientTransformation, n_tokens: int):
+    """A batch without loss tokens (every label -100): no update at all (weight decay would
+    still move the weights, and the token-mean loss is 0/0); the batch counts as consumed."""
+    lr = float("nan") if optimizer.learning_rate is None else float(optimizer.learning_rate(state.opt_state).asnumpy())
+    metrics = {"loss": float("nan"), "grad_norm": float("nan"), "lr": lr, "tokens": n_tokens,
+               "loss_tokens": 0, "skipped": 1.0, "no_loss_tokens": 1.0}
+    if state.loss_scale is not None:
+        metrics["loss_scale"] = float(state.loss_scale["scale"].asnumpy())
+    return state.replace(step=state.step + 1), metrics
 
 
 def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: GradientTransformation,
@@ -231,15 +271,19 @@ def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: Grad
     says), "none" as one graph of the whole model. metrics (host floats, equal on every
     process): loss (token mean over the whole batch), grad_norm (before clipping), lr (used by
     this update), tokens (k*B*T), loss_tokens, skipped (1.0 if the update was left out:
-    non-finite gradients), loss_scale (when scaling). `state` is not modified. `loss_scale`
-    must be the config the state was initialised with (None: no scaling).
+    non-finite gradients, or no loss tokens, then also no_loss_tokens 1.0 and loss NaN),
+    loss_scale (when scaling). `state` is not modified. `loss_scale` must be the config the
+    state was initialised with (None: no scaling). Token ids and labels outside the vocabulary
+    are refused (ValueError naming the batch row, position and id).
     """
     if (state.loss_scale is None) != (loss_scale is None):
         raise ValueError("state.loss_scale and the loss_scale argument disagree (init_train_state "
                          "with the same LossScaleConfig you pass here)")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
-    parts, n_loss, n_tokens = _local_micro_batches(batch, ctx)
+    parts, n_loss, n_tokens = _local_micro_batches(batch, ctx, cfg.vocab_size)
+    if n_loss == 0:
+        return _skip_empty(state, optimizer, n_tokens)
     inv_count = ms.Tensor(1.0 / max(n_loss, 1), ms.float32)
     weight = inv_count if state.loss_scale is None else inv_count * state.loss_scale["scale"]
     grads, loss_sum = _accumulate(state.params, parts, cfg, ctx, weight, recompute)
@@ -257,7 +301,7 @@ def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: Grad
 # --------------------------------------------------------------------------- eval
 
 
-@functools.lru_cache(maxsize=16)
+@forget_after_failure
 def _compiled_eval(cfg: ModelConfig, ctx: ParallelContext):
     @ms.jit
     def eval_sums(params, tokens, labels, positions, segment_ids, seq_len):
@@ -270,7 +314,7 @@ def _compiled_eval(cfg: ModelConfig, ctx: ParallelContext):
 def eval_loss_sums(params, batch: dict, cfg: ModelConfig, *, ctx: ParallelContext = LOCAL):
     """(sum of token losses, loss-token count) over a global [B, T] or [k, B, T] batch, as floats
     (the whole batch's, on every process)."""
-    parts, _, _ = _local_micro_batches(batch, ctx)
+    parts, _, _ = _local_micro_batches(batch, ctx, cfg.vocab_size)
     fn = _compiled_eval(cfg, ctx)
     total, count = 0.0, 0.0
     for part in parts:

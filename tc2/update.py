@@ -17,12 +17,12 @@ in one graph, correctly but with the compile cost of the whole tree.
 """
 from __future__ import annotations
 
-import functools
 from typing import List, NamedTuple, Optional
 
 import mindspore as ms
 from mindspore import ops
 
+from tc2.compiled import forget_after_failure
 from tc2.config import ModelConfig
 from tc2.context import ParallelContext
 from tc2.model import tp_sharded
@@ -102,7 +102,7 @@ class _Graphs(NamedTuple):
     apply: object
 
 
-@functools.lru_cache(maxsize=16)
+@forget_after_failure
 def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, clip_norm: Optional[float],
                     ctx: ParallelContext, by_layer: bool) -> _Graphs:
     update, current_lr = optimizer.update, optimizer.learning_rate     # graph mode: no attributes

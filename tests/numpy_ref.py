@@ -33,24 +33,29 @@ def rope(x, pos, base, mscale):
 
 
 def attention(q, k, v, causal_ok):
-    """q [T, Nq, D], k/v [S, Nkv, D], causal_ok [T, S] bool."""
+    """q [T, Nq, D], k/v [S, Nkv, D], causal_ok [T, S] bool. A query that may see no key
+    (a leading pad under a key mask) outputs 0; nothing that carries loss depends on it."""
     g = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
     s = np.einsum("tnd,snd->nts", q, k) / math.sqrt(q.shape[-1])
-    s = np.where(causal_ok[None], s, -np.inf)
+    seen = causal_ok.any(-1)                                    # [T]
+    s = np.where(causal_ok[None] | ~seen[None, :, None], s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    return np.einsum("nts,snd->tnd", p, v)
+    return np.einsum("nts,snd->tnd", p, v) * seen[:, None, None]
 
 
 def silu(x):
     return x / (1 + np.exp(-x))
 
 
-def forward(P, tokens, cfg):
-    """P: {hf-style short names} float64 numpy; tokens [B, T] -> logits [B, T, V] float64."""
+def forward(P, tokens, cfg, key_ok=None):
+    """P: {hf-style short names} float64 numpy; tokens [B, T] -> logits [B, T, V] float64.
+
+    key_ok [B, T] bool (optional): MindFormers' training mask, query i sees key j iff j <= i
+    AND key_ok[j] (e.g. token != pad); positions stay 0..T-1 whatever the mask."""
     out = []
-    for row in np.asarray(tokens):
+    for b, row in enumerate(np.asarray(tokens)):
         T = len(row)
         pos = np.arange(T)
         base, mscale = ntk(T, cfg)
@@ -61,7 +66,10 @@ def forward(P, tokens, cfg):
             kv = (h @ lp["key_value"].T).reshape(T, cfg.num_key_value_heads, 2, cfg.head_dim)
             k, v = kv[:, :, 0], kv[:, :, 1]
             q, k = rope(q, pos, base, mscale), rope(k, pos, base, mscale)
-            a = attention(q, k, v, pos[None, :] <= pos[:, None]).reshape(T, -1)
+            ok = pos[None, :] <= pos[:, None]
+            if key_ok is not None:
+                ok = ok & np.asarray(key_ok[b], bool)[None, :]
+            a = attention(q, k, v, ok).reshape(T, -1)
             x = x + a @ lp["dense"].T + lp["dense_bias"]
             h = rms_norm(x, lp["post_attention_layernorm"], cfg.layer_norm_epsilon)
             x = x + (silu(h @ lp["gate_proj"].T) * (h @ lp["up_proj"].T)) @ lp["down_proj"].T \
@@ -69,6 +77,16 @@ def forward(P, tokens, cfg):
         x = rms_norm(x, P["ln_f"], cfg.layer_norm_epsilon)
         out.append(x @ P["lm_head"].T)
     return np.stack(out)
+
+
+def token_mean_loss(logits, labels):
+    """Mean cross-entropy over labels != -100 (labels already shifted), float64."""
+    logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
+    m = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - m).sum(-1)) + m[..., 0]
+    keep = labels != -100
+    picked = np.take_along_axis(logits, np.where(keep, labels, 0)[..., None], -1)[..., 0]
+    return float(((lse - picked) * keep).sum() / keep.sum())
 
 
 def to_numpy64(params):

@@ -372,3 +372,117 @@ def test_a_shard_limit_above_the_model_size_writes_one_plain_file(params, tmp_pa
     save_hf(params, CFG, tmp_path / "m", max_shard_size="10GB")
     assert sorted(os.listdir(tmp_path / "m")) == ["config.json", SINGLE]
     _assert_same(params, load_hf(str(tmp_path / "m"))[0])
+
+
+# ---- hostile or damaged files: each refused with the file and the tensor named -------------------------
+
+def _raw_safetensors(path, entries, data, *, declared=None):
+    """A safetensors file written byte by byte: entries {name: (dtype code, shape, [start, stop])}."""
+    header = {n: {"dtype": d, "shape": list(s), "data_offsets": list(o)} for n, (d, s, o) in entries.items()}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    n = len(raw) if declared is None else declared
+    path.write_bytes(n.to_bytes(8, "little") + raw + data)
+    return str(path)
+
+
+@pytest.mark.parametrize("entries,size,message", [
+    ({"a": ("F32", (2,), (0, 8)), "b": ("F32", (2,), (0, 8))}, 8, r"tensor b overlaps the tensor before it"),
+    ({"a": ("F32", (2,), (0, 8)), "b": ("F32", (2,), (4, 12))}, 12, r"tensor b overlaps"),
+    ({"a": ("F32", (2,), (0, 8)), "b": ("F32", (1,), (12, 16))}, 16, r"tensor b starts at byte 12, leaving "
+                                                                     r"bytes 8\.\.12 unused"),
+    ({"a": ("F32", (2,), (0, 8))}, 12, r"4 bytes after the last tensor"),
+    ({"a": ("F32", (2 ** 32, 2 ** 32, 4), (0, 0))}, 0, r"tensor a has 0 bytes for shape"),    # int64 overflow
+    ({"a": ("F32", (2,), (0, 8)), "b": ("F32", (True,), (8, 12))}, 12, r"entry 'b'"),
+])
+def test_safetensors_byte_ranges_must_tile_the_data_block(tmp_path, entries, size, message):
+    """What `safetensors.safe_open` refuses, ours refuses too, naming the file and the tensor."""
+    from safetensors import safe_open
+    from tc2.checkpoint.safetensors import SafetensorsFile
+    path = _raw_safetensors(tmp_path / "x.safetensors", entries, bytes(range(size)))
+    with pytest.raises(Exception):
+        safe_open(path, framework="numpy")
+    with pytest.raises(ValueError, match=r"x\.safetensors: corrupt safetensors (header|file) .*" + message):
+        SafetensorsFile(path)
+
+
+def test_safetensors_entries_in_any_order_and_duplicates(tmp_path):
+    from tc2.checkpoint.safetensors import SafetensorsFile
+    data = np.arange(4, dtype=np.float32).tobytes()
+    path = _raw_safetensors(tmp_path / "x.safetensors", {"b": ("F32", (2,), (8, 16)), "a": ("F32", (2,), (0, 8))},
+                            data)
+    with SafetensorsFile(path) as f:                       # header order is free, the ranges tile
+        assert f.read("a").tolist() == [0, 1] and f.read("b").tolist() == [2, 3]
+    raw = b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}'
+    raw += b" " * (-len(raw) % 8)
+    (tmp_path / "dup.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    with pytest.raises(ValueError, match=r"dup\.safetensors: corrupt safetensors header \(tensor 'a' is listed twice"):
+        SafetensorsFile(str(tmp_path / "dup.safetensors"))
+
+
+def test_enormous_declared_header_is_refused_before_reading(tmp_path, monkeypatch):
+    from tc2.checkpoint import safetensors as st
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:                             # sparse: 150 MB on paper, nothing on disk
+        f.write((120_000_000).to_bytes(8, "little"))
+        f.truncate(150_000_000)
+    reads = []
+    real_loads = st.json.loads
+    monkeypatch.setattr(st.json, "loads", lambda b, **kw: reads.append(len(b)) or real_loads(b, **kw))
+    with pytest.raises(ValueError, match=r"big\.safetensors: corrupt safetensors header \(declared length "
+                                         r"120000000 bytes is above the format's 100 MB limit"):
+        st.SafetensorsFile(str(path))
+    assert reads == []
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_, np.float64])
+def test_load_hf_refuses_a_non_float_weight(params, tmp_path, dtype):
+    from safetensors.numpy import save_file
+    from tc2.checkpoint.safetensors import SafetensorsFile
+    path = _saved(params, tmp_path)
+    with SafetensorsFile(str(path / SINGLE)) as f:
+        arrays = {n: f.get(n) for n in f.header}
+    arrays["lm_head.weight"] = np.ones(arrays["lm_head.weight"].shape, dtype)
+    save_file(arrays, str(path / SINGLE))
+    code = {np.int64: "I64", np.int32: "I32", np.uint8: "U8", np.bool_: "BOOL", np.float64: "F64"}[dtype]
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor lm_head\.weight is stored as {code} "
+                                         r"\(\w+\), not as a float weight"):
+        load_hf(str(path))
+
+
+def _index_pointing_at(path, target):
+    index = json.loads((path / INDEX).read_text())
+    name = "transformer.ln_f.weight"
+    index["weight_map"][name] = target
+    (path / INDEX).write_text(json.dumps(index))
+
+
+def test_index_entries_must_stay_inside_the_checkpoint(params, tmp_path):
+    path = _saved(params, tmp_path, max_shard_size="60KB")
+    shard = json.loads((path / INDEX).read_text())["weight_map"]["transformer.ln_f.weight"]
+    other = tmp_path / "other"
+    other.mkdir()
+    os.link(path / shard, other / "model.safetensors")          # a loadable file outside the directory
+    os.symlink(other / "model.safetensors", path / "model-link.safetensors")
+    for target in ("../other/model.safetensors", str(other / "model.safetensors"), "/etc/passwd",
+                   "model-link.safetensors"):
+        _index_pointing_at(path, target)
+        with pytest.raises(ValueError, match=rf"{INDEX} lists shard '{target}', which is outside .*m: shards "
+                                             r"must be files inside the checkpoint directory"):
+            load_hf(str(path))
+    os.symlink(path / shard, path / "model-inside.safetensors")   # a link within the directory is fine
+    _index_pointing_at(path, "model-inside.safetensors")
+    _assert_same(params, load_hf(str(path))[0])
+
+
+@pytest.mark.parametrize("index,message", [
+    ("[1, 2]", r"not a safetensors index \(no \"weight_map\" object\)"),
+    ('{"weight_map": ["a"]}', r"not a safetensors index \(no \"weight_map\" object"),
+    ('{"weight_map": {"lm_head.weight": 3}}', r"weight_map\['lm_head.weight'\] is 3, not a file name"),
+    (b'{"weight_map": {"\xff": "a"}}', r"not a safetensors index \('utf-8' codec"),
+])
+def test_malformed_index_names_the_file(params, tmp_path, index, message):
+    path = _saved(params, tmp_path, max_shard_size="60KB")
+    (path / INDEX).write_bytes(index if isinstance(index, bytes) else index.encode())
+    with pytest.raises(ValueError, match=rf"{INDEX}: {message}"):
+        load_hf(str(path))

@@ -1,7 +1,9 @@
 """ModelConfig: presets, the official config.json in and out, and refusals."""
 import json
 import os
+import re
 
+import numpy as np
 import pytest
 
 import tc2
@@ -68,3 +70,42 @@ def test_bad_config_files_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**tc2.tiny().to_hf(), "model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type"):
         ModelConfig.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(hidden_size="64"), r"hidden_size must be a positive int, got '64' \(str\)"),
+    (dict(hidden_size=64.0), r"hidden_size must be a positive int, got 64\.0 \(float\)"),
+    (dict(n_layer=True), r"n_layer must be a positive int, got True \(bool\)"),
+    (dict(n_head=0), r"n_head must be a positive int, got 0"),
+    (dict(num_key_value_heads=-2), r"num_key_value_heads must be a positive int, got -2"),
+    (dict(vocab_size=0), r"vocab_size must be a positive int, got 0"),
+    (dict(ffn_hidden_size=[176]), r"ffn_hidden_size must be a positive int, got \[176\] \(list\)"),
+    (dict(layer_norm_epsilon="1e-5"), r"layer_norm_epsilon must be a finite number > 0, got '1e-5'"),
+    (dict(layer_norm_epsilon=0), r"layer_norm_epsilon must be a finite number > 0, got 0"),
+    (dict(pad_token_id=512), r"pad_token_id must be an int in \[0, vocab_size=512\), got 512"),
+    (dict(seq_length=-1), r"seq_length must be a positive int, got -1"),
+    (dict(flash_attn="yes"), r"flash_attn must be true or false, got 'yes'"),
+])
+def test_config_json_fields_of_the_wrong_type_name_file_and_key(tmp_path, change, message):
+    hf = {**tc2.tiny().to_hf(), **change}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "config.json")) + ": " + message):
+        ModelConfig.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"[1, 2, 3]", "a config must be a JSON object of keys, got list"),
+    (b'"telechat"', "a config must be a JSON object of keys, got str"),
+    (b"null", "a config must be a JSON object of keys, got NoneType"),
+    (b'{"hidden_size": 64, "model_type": "tele\xffchat"}', "not UTF-8 text"),
+])
+def test_config_json_of_the_wrong_kind_names_the_file(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: {message}")):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_numpy_numbers_are_accepted_as_plain_python_numbers():
+    cfg = tc2.tiny(hidden_size=np.int64(64), layer_norm_epsilon=np.float32(1e-5))
+    assert type(cfg.hidden_size) is int and type(cfg.layer_norm_epsilon) is float
+    assert json.dumps(cfg.to_hf())

@@ -3,6 +3,7 @@
 Reference values come from elsewhere than the code under test: safetensors' and MindSpore's
 own readers, MindSpore's casts for dtype rounding, numpy slicing for the Megatron split.
 """
+import errno
 import importlib.util
 import json
 import os
@@ -16,8 +17,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+import tc2
 import tc2.checkpoint.convert as convert_mod
-from tc2.checkpoint.hf import INDEX, load_hf, save_hf
+from tc2.checkpoint.hf import INDEX, hf_shapes, load_hf, save_hf
 from tc2.config import ModelConfig, tiny
 from tc2.checkpoint.convert import convert_checkpoint, open_checkpoint, verify_checkpoints
 from tc2.model import param_specs
@@ -107,7 +109,7 @@ def test_half_precision_round_trips_round_like_mindspore(hf_dir, hf_arrays, tmp_
     ckpt = str(tmp_path / "half.ckpt")
     convert_checkpoint(hf_dir, ckpt, to="mf", dtype=dtype, progress=False)
     back = str(tmp_path / "back")
-    convert_checkpoint(ckpt, back, to="hf", n_head=4, progress=False)               # float32 again
+    convert_checkpoint(ckpt, back, to="hf", n_head=4, seq_length=64, progress=False)  # float32 again
     half = str(tmp_path / "half_hf")
     convert_checkpoint(hf_dir, half, to="hf", dtype=dtype, progress=False)
     with safe_open(os.path.join(half, "model.safetensors"), "numpy") as f:
@@ -323,7 +325,8 @@ def test_recipe_subcommands(hf_dir, tmp_path, capsys):
     assert "MB/s" in capsys.readouterr().err
     assert main(["mf-to-hf", ckpt, back]) == 2
     assert "--n_head" in capsys.readouterr().err
-    assert main(["mf-to-hf", ckpt, back, "--n_head", "4", "--max_shard_size", "150KB", "--no_progress"]) == 0
+    assert main(["mf-to-hf", ckpt, back, "--n_head", "4", "--seq_length", "64", "--max_shard_size", "150KB",
+                 "--no_progress"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert main(["split", back, str(tmp_path / "tp"), "--tp", "2", "--no_progress"]) == 0
     assert main(["merge", str(tmp_path / "tp"), str(tmp_path / "merged"), "--no_progress"]) == 0
@@ -428,3 +431,145 @@ def test_peak_memory_of_streaming_conversions(big_hf_dir, tmp_path):
     assert all(v <= limit for v in measured.values()), report
     assert _peak_increase(src, "", control=True) > size        # the instrument sees a non-streaming reader
     assert verify_checkpoints(src, str(tmp_path / "hf")).ok
+
+
+def test_parse_size_accepts_units_and_refuses_anything_else():
+    from tc2.checkpoint.safetensors import parse_size
+    assert [parse_size(v) for v in (None, 1000, "5GB", "500mb", " 2 GiB", "1.5KB", "7")] == \
+        [None, 1000, 5 * 10**9, 500 * 10**6, 2 * 2**30, 1500, 7]
+    for bad in ("five", "", "GB", "-5GB", "0", "nan", "infGB", "5 parsecs", True, 0, -3, 2.5, [5]):
+        with pytest.raises(ValueError, match=r"max_shard_size: cannot read .* as a size \(a positive number"):
+            parse_size(bad)
+
+
+def test_recipe_refuses_a_bad_shard_size_before_writing(hf_dir, tmp_path, capsys):
+    ckpt = str(tmp_path / "m.ckpt")
+    convert_checkpoint(hf_dir, ckpt, to="mf", progress=False)
+    assert _recipe().main(["mf-to-hf", ckpt, str(tmp_path / "out"), "--config", hf_dir,
+                           "--max_shard_size", "five", "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: max_shard_size: cannot read 'five' as a size (a positive number of bytes, or " \
+                          "one with a unit: 5GB, 500MB, 2GiB)"
+    assert sorted(os.listdir(tmp_path)) == ["m.ckpt"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.update(tp=0), r'"tp" must be a positive int, got 0'),
+    (lambda d: d.update(tp="2"), r'"tp" must be a positive int, got \'2\''),
+    (lambda d: d.update(tensors=[1]), r'no "tensors" object'),
+    (lambda d: d["tensors"]["lm_head.weight"].update(split_dim=5), r"tensor lm_head\.weight: "),
+    (lambda d: d["tensors"]["lm_head.weight"].update(shape="512x64"), r"tensor lm_head\.weight: "),
+])
+def test_malformed_tp_layout_names_the_file(hf_dir, tmp_path, change, message):
+    tp_dir = str(tmp_path / "tp2")
+    convert_checkpoint(hf_dir, tp_dir, to="tp", tp=2, progress=False)
+    layout_path = os.path.join(tp_dir, "tp_layout.json")
+    doc = json.load(open(layout_path))
+    change(doc)
+    json.dump(doc, open(layout_path, "w"))
+    with pytest.raises(ValueError, match=r"tp_layout\.json: not a tc2 tensor-parallel layout \(" + message):
+        convert_checkpoint(tp_dir, str(tmp_path / "merged"), to="hf", progress=False)
+    assert not os.path.exists(tmp_path / "merged")
+
+
+# ---- a full disk, a read-only directory, a killed writer ----------------------------------------------
+class _FullDisk:
+    """A file object whose writes fail once `room` bytes are written, as on a full disk: the
+    OSError of write() names no file."""
+
+    def __init__(self, f, room):
+        self._f, self._room = f, room
+
+    def write(self, data):
+        self._room -= memoryview(data).nbytes
+        if self._room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _failing_open(mode_of_failure, room=50_000):
+    real_open = open
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if "w" not in mode:
+            return real_open(path, mode, *args, **kwargs)
+        if mode_of_failure == "read-only":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return _FullDisk(real_open(path, mode, *args, **kwargs), room)
+    return fake_open
+
+
+@pytest.mark.parametrize("failure", ["full disk", "read-only"])
+@pytest.mark.parametrize("command,dest,written", [
+    ("mf-to-hf", "existing", "model.safetensors"), ("mf-to-hf", "new/dir", "model.safetensors"),
+    ("hf-to-mf", "new/dir/m.ckpt", "m.ckpt"), ("split", "existing", "rank_0/model.safetensors")])
+def test_unwritable_destination_is_one_line_naming_the_file(hf_dir, tmp_path, monkeypatch, capsys, failure,
+                                                           command, dest, written):
+    """Tests run as root, where chmod does not stop writes: the writers' open() is made to fail as
+    a full disk (ENOSPC from write(), no file name) or a read-only filesystem (EROFS) would."""
+    from tc2 import files
+    from tc2.checkpoint import ms_ckpt, safetensors
+    src = str(tmp_path / "m.ckpt") if command == "mf-to-hf" else hf_dir
+    convert_checkpoint(hf_dir, str(tmp_path / "m.ckpt"), to="mf", progress=False)
+    convert_checkpoint(hf_dir, str(tmp_path / "existing"), to="hf", max_shard_size="100KB", progress=False)
+    before = snapshot(str(tmp_path))
+    for module in (safetensors, ms_ckpt, files):
+        monkeypatch.setattr(module, "open", _failing_open(failure), raising=False)
+    args = [command, src, str(tmp_path / dest), "--config", hf_dir, "--no_progress"]
+    assert _recipe().main(args + (["--tp", "2"] if command == "split" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    why = "No space left on device" if failure == "full disk" else "Read-only file system"
+    target = str(tmp_path / dest) if dest.endswith(".ckpt") else os.path.join(str(tmp_path / dest), written)
+    assert err == f"error: [Errno {errno.ENOSPC if failure == 'full disk' else errno.EROFS}] {why}: '{target}'"
+    assert snapshot(str(tmp_path)) == before                        # nothing new, nothing half-written
+
+
+def test_mf_to_hf_never_invents_sequence_lengths(hf_dir, tmp_path, capsys):
+    """The weights do not tell seq_length / training_seqlen / base_seqlen (where dynamic NTK and
+    mscale start): a non-release size takes them from the yaml, the config or --seq_length, or the
+    conversion is refused; a release hidden size keeps its release's lengths."""
+    main = _recipe().main
+    ckpt = str(tmp_path / "m.ckpt")
+    convert_checkpoint(hf_dir, ckpt, to="mf", progress=False)
+    for args in (["mf-to-hf", ckpt, str(tmp_path / "a"), "--n_head", "4"],
+                 ["split", ckpt, str(tmp_path / "b"), "--n_head", "4", "--tp", "2"]):
+        assert main(args + ["--no_progress"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: {ckpt}: hidden size 64 is no TeleChat2 release, so the weights do not tell seq_length, "
+            f"training_seqlen, base_seqlen (where dynamic NTK and mscale start) for the config.json this writes: "
+            f"pass the run's MindFormers yaml (mf_yaml=, --mf_yaml), an HF config.json (config=, --config) or the "
+            f"length (seq_length=, --seq_length N)")
+    assert sorted(os.listdir(tmp_path)) == ["m.ckpt"]
+    assert main(["mf-to-hf", ckpt, str(tmp_path / "c"), "--n_head", "4", "--seq_length", "640", "--no_progress"]) == 0
+    written = json.load(open(tmp_path / "c" / "config.json"))
+    assert (written["seq_length"], written["training_seqlen"], written["base_seqlen"]) == (640, 640, 640)
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text("model:\n  model_config:\n    num_heads: 4\n    seq_length: 96\n")
+    assert main(["mf-to-hf", ckpt, str(tmp_path / "d"), "--mf_yaml", str(yaml_path), "--no_progress"]) == 0
+    assert json.load(open(tmp_path / "d" / "config.json"))["training_seqlen"] == 96
+    assert main(["mf-to-hf", ckpt, str(tmp_path / "e"), "--config", hf_dir, "--no_progress"]) == 0
+    assert json.load(open(tmp_path / "e" / "config.json"))["base_seqlen"] == CFG.base_seqlen == 64
+    assert main(["mf-to-hf", ckpt, str(tmp_path / "f"), "--config", hf_dir, "--seq_length", "65", "--no_progress"]) == 2
+    assert "seq_length=65 disagrees with the config's 64" in capsys.readouterr().err
+    assert main(["verify", hf_dir, ckpt, "--n_head", "4", "--quiet"]) == 0       # writes no config: no lengths needed
+
+
+def test_release_sizes_keep_their_lengths_without_a_config(tmp_path):
+    """A hidden size of a release (here 4096, the 7B's) brings the release's lengths and epsilon."""
+    from tc2.checkpoint.mindformers import resolve_config
+    cfg = tc2.telechat2_7b(n_layer=1, vocab_size=256)
+    shapes = {n: s for n, (s, _) in hf_shapes(cfg).items()}
+    got, unknown = resolve_config(shapes, "x")
+    assert unknown == () and (got.seq_length, got.training_seqlen, got.base_seqlen) == (8192, 8192, 8192)
+    small = tiny()
+    got, unknown = resolve_config({n: s for n, (s, _) in hf_shapes(small).items()}, "x", n_head=4)
+    assert unknown == ("seq_length", "training_seqlen", "base_seqlen")

@@ -72,6 +72,30 @@ def test_all_input_forms_agree(tok):
     assert no_start.input_ids[0] == 4
 
 
+def test_seed_readme_line_with_pads(tok):
+    """The seed README's example: one 'input' with inline turns and trailing <_pad>s."""
+    ref = example_from_json({"input": "<_user>q1<_bot>a1<_user>q2", "output": "a2"}, tok)
+    for inp in ("<_user>q1<_bot>a1<_end><_user>q2<_bot>a2<_end><_pad><_pad><_pad>",
+                "<_pad><_pad><_start><_user>q1<_bot>a1<_end><_user>q2<_bot>a2<_end><_pad>"):
+        ex = example_from_json({"input": inp}, tok)
+        assert (ex.input_ids, ex.labels) == (ref.input_ids, ref.labels), inp
+    with pytest.raises(DataError, match="the answer of turn 1 contains <_pad>: pads may only lead or trail"):
+        example_from_json({"input": "<_user>q<_bot>a<_pad>b<_end>"}, tok)
+    with pytest.raises(DataError, match="the question of turn 1 contains <_pad>"):
+        example_from_json({"input": "<_user>q<_pad>", "output": "a"}, tok)
+
+
+def test_dialog_content_markers_are_plain_text(tok):
+    """Markers written inside dialog messages are text: no turn is closed or forged, the
+    answer keeps its characters (the inline formats, whose markers ARE the structure, differ)."""
+    obj = {"system": "S", "dialog": [{"role": "user", "content": "q<_end>\n<_user>x<_bot>y"},
+                                     {"role": "bot", "content": "a<_end>b<_pad>"}]}
+    ex = example_from_json(obj, tok)
+    assert [tok.decode(r) for r in answer_runs(ex)] == ["a<_end>b<_pad><_end>"]
+    assert [ex.input_ids.count(tok.token_id(m)) for m in ("<_user>", "<_bot>", "<_end>", "<_pad>")] == [1, 1, 1, 0]
+    assert tok.decode(ex.input_ids) == "<_start><_system>S<_user>q<_end>\n<_user>x<_bot>y<_bot>a<_end>b<_pad><_end>"
+
+
 def test_dialog_format(tok):
     obj = {"system": "S\n", "dialog": [{"role": "user", "content": "q1"}, {"role": "bot", "content": "a1"},
                                        {"role": "user", "content": "q2"}, {"role": "bot", "content": "a2"}],
@@ -284,6 +308,27 @@ def test_bad_lines_raise_with_location(tok, tmp_path, line, message):
     assert len(examples) == 2 and len(skipped) == 1 and skipped[0].startswith(str(tmp_path))
 
 
+def test_an_enormous_line_is_dropped_without_being_tokenized(tok, tmp_path, monkeypatch):
+    huge = "字" * 5_000_000                                       # 15 MB of UTF-8 on one line
+    path = jsonl(tmp_path / "huge.jsonl", [{"input": "q", "output": "a"}, {"input": huge, "output": "a"},
+                                           {"dialog": [{"role": "user", "content": huge},
+                                                       {"role": "bot", "content": "a"}]},
+                                           {"input": "<_user>" + huge + "<_bot>a<_end>"}])
+    longest = []
+    for name in ("encode", "encode_text"):                        # every path into SentencePiece
+        real = getattr(tok, name)
+        monkeypatch.setattr(tok, name, lambda text, real=real: longest.append(len(text)) or real(text))
+    report = preprocess(path, tok, str(tmp_path / "o.mindrecord"), pack=PackConfig(max_length=64))
+    assert sorted(report.dropped) == [f"{path}:{n}" for n in (2, 3, 4)] and report.rows == 1
+    assert max(longest) < 100                                    # only the short line was tokenized
+    over = "字" * (65 * tok.max_chars_per_token + 1)              # surely > 64 tokens
+    examples, _ = read_examples(jsonl(tmp_path / "over.jsonl", [{"input": over, "output": "a"}]), tok,
+                                max_tokens=64)
+    assert examples[0].too_long and examples[0].input_ids == ()
+    examples, _ = read_examples(str(tmp_path / "over.jsonl"), tok)   # no bound given: tokenized whole
+    assert not examples[0].too_long and len(examples[0].input_ids) > 64
+
+
 def test_bad_files(tok, tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_examples(str(tmp_path / "nope.jsonl"), tok)
@@ -298,6 +343,42 @@ def test_bad_files(tok, tmp_path):
     with pytest.raises(DataError, match="nothing to write"):
         preprocess(long, tok, str(tmp_path / "o.mindrecord"), pack=PackConfig(max_length=8))
     assert not os.path.exists(tmp_path / "o.mindrecord")
+
+
+def test_full_disk_fails_before_writing_and_leaves_no_temp_dir(tok, tmp_path, monkeypatch, recipe, capsys):
+    """MindSpore's MindRecord writer segfaults on a full disk: the space is checked first; a
+    writer that fails anyway leaves no temp dir, and a killed writer's temp dir is swept later.
+    The previous output stays as it was."""
+    import collections
+    import mindspore.mindrecord
+    import tc2.data.records as records
+    good = jsonl(tmp_path / "good.jsonl", [{"input": f"q{k}", "output": "answer"} for k in range(20)])
+    out = tmp_path / "out" / "x.mindrecord"
+    preprocess(good, tok, str(out), pack=PackConfig(max_length=64))
+    before = out.read_bytes()
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(records.shutil, "disk_usage", lambda d: Usage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
+    argv = ["--input_dataset_file", good, "--vocab_file_path", tok.path, "--max_length", "64",
+            "--output_path", str(out), "--no_progress"]
+    assert recipe.main(argv) == 2
+    assert (f"error: {out.parent}: 5 MiB free, but the MindRecord needs about 64 MiB: free some space or "
+            "write elsewhere (nothing was written)") in capsys.readouterr().err
+    assert sorted(os.listdir(out.parent)) == ["x.mindrecord", "x.mindrecord.db"] and out.read_bytes() == before
+    monkeypatch.undo()
+
+    class FullDisk(mindspore.mindrecord.FileWriter):
+        def write_raw_data(self, raw_data, *args, **kwargs):
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(mindspore.mindrecord, "FileWriter", FullDisk)
+    with pytest.raises(OSError, match="No space left on device"):
+        preprocess(good, tok, str(out), pack=PackConfig(max_length=64, seed=1))
+    assert sorted(os.listdir(out.parent)) == ["x.mindrecord", "x.mindrecord.db"] and out.read_bytes() == before
+    monkeypatch.undo()
+    stale = out.parent / ".tmp_mindrecord_999999999_abc"                 # a writer that was killed
+    stale.mkdir()
+    (stale / "x.mindrecord").write_bytes(b"partial")
+    preprocess(good, tok, str(out), pack=PackConfig(max_length=64, seed=1))
+    assert sorted(os.listdir(out.parent)) == ["x.mindrecord", "x.mindrecord.db"]
 
 
 # --- the recipe -----------------------------------------------------------------------------------------
@@ -329,3 +410,6 @@ def test_recipe_end_to_end_and_errors(recipe, tok, tmp_path, capsys):
     assert recipe.main(["--input_dataset_file", good, "--vocab_file_path", str(tmp_path / "no.model"),
                         "--output_path", out2, "--no_progress"]) == 2
     assert "tokenizer model not found" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")                                  # unwritable output: before reading
+    assert recipe.main(argv[:6] + ["--output_path", str(tmp_path / "a_file" / "o.mindrecord"), "--no_progress"]) == 2
+    assert f"error: output_path: cannot write in {tmp_path / 'a_file'}" in capsys.readouterr().err

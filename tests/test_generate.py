@@ -297,6 +297,72 @@ def test_chat_recipe_in_a_subprocess_exits_cleanly_at_eof(model_dir):
     assert "system prompt set" in r.stderr and "conversation cleared" in r.stderr
 
 
+class _Transcript:
+    """A process's stdout as it arrives (prompts end without a newline, so no readline)."""
+
+    def __init__(self, proc):
+        self.proc, self.text = proc, ""
+
+    def wait_for(self, text, count, timeout=240):
+        """Read until `text` has appeared `count` times in the whole transcript."""
+        import select
+        import time
+        end = time.monotonic() + timeout
+        while self.text.count(text) < count:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(end - time.monotonic(), 0))
+            chunk = os.read(self.proc.stdout.fileno(), 4096) if ready else b""
+            assert chunk, f"no {text!r} x{count} in time (exit status {self.proc.poll()}); got {self.text[-500:]!r}"
+            self.text += chunk.decode("utf-8", "replace")
+        return self.text
+
+
+def test_ctrl_c_at_the_chat_prompt_keeps_the_session(model_dir):
+    """A real SIGINT at the prompt, before and after an answer (MindSpore's handler, which turns
+    SIGINT into a SIGTERM that ends the process, is installed once the model is loaded): the
+    session goes on; a real SIGTERM at the prompt ends it (status 143)."""
+    import signal
+    env = {**os.environ, "PYTHONPATH": REPO, "GLOG_v": "3", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "recipes", "chat.py"), "--checkpoint", model_dir,
+                             "--max_new_tokens", "4", "--max_len", "128"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out = _Transcript(proc)
+    try:
+        out.wait_for("user> ", 1)
+        proc.send_signal(signal.SIGINT)
+        out.wait_for("(Ctrl-D quits)", 1)
+        out.wait_for("user> ", 2)                                      # the session goes on
+        proc.stdin.write(b"hello world\n")
+        proc.stdin.flush()
+        out.wait_for("user> ", 3)                                      # answered: graphs have run
+        proc.send_signal(signal.SIGINT)
+        out.wait_for("(Ctrl-D quits)", 2)
+        text = out.wait_for("user> ", 4)
+        assert text.count("bot> ") == 1 and proc.poll() is None, text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_ctrl_c_during_predict_exits_with_a_message_and_writes_nothing(model_dir, tmp_path):
+    import signal
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"input": f"hello world {i}"}) + "\n" for i in range(60)), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": REPO, "GLOG_v": "3", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "recipes", "predict.py"), "--checkpoint", model_dir,
+                             "--input_file", str(inp), "--output_file", str(out), "--max_new_tokens", "40",
+                             "--max_len", "128", "--system", "hi", "--batch_size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = proc.stdout.readline()                                    # one answer done: graphs have run
+    assert first.startswith('{"input"'), first + proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"interrupted: nothing written to {out}" in err and not out.exists()
+
+
 def test_vocab_limit_keeps_generation_inside_the_tokenizer(params, greedy):
     assert max(max(g) for g in greedy) >= 256                         # precondition: it would go above
     limited = generate_ids(params, CFG, PROMPTS, max_new_tokens=20, stop_ids=(), vocab_limit=256)

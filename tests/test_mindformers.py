@@ -313,3 +313,220 @@ def test_qkv_concat_layout_is_refused_clearly(params, tmp_path):
     ms.save_checkpoint(items, path)
     with pytest.raises(ValueError, match="w_qkv.weight is MindFormers' qkv_concat layout"):
         load_mindformers(path, n_head=4)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("- a\n- b\n", r"no model\.model_config section"),
+    ("model:\n  model_config: [1, 2]\n", r"model\.model_config must be a mapping, got list"),
+    ("model:\n  model_config:\n    num_heads: '4'\n", r"model\.model_config\.num_heads must be a positive int, "
+                                                      r"got '4' \(str\)"),
+    ("model:\n  model_config:\n    rms_norm_eps: 1e-5\n", r"model\.model_config\.rms_norm_eps must be a finite "
+                                                          r"number > 0, got '1e-5' \(str\)"),
+    ("parallel_config: 8\nmodel:\n  model_config:\n    num_heads: 4\n", r"parallel_config must be a mapping"),
+    ("model:\n  model_config:\n    num_heads: 4\nparallel:\n  enable_parallel_optimizer: 'yes'\n",
+     r"parallel\.enable_parallel_optimizer must be true or false, got 'yes'"),
+    ("model:\n  model_config:\n    num_heads: 4\nparallel_config:\n  model_parallel: 0\n",
+     r"parallel_config\.model_parallel must be a positive int, got 0"),
+    ("model:\n  model_config:\n    num_heads: 4\nparallel:\n  parallel_optimizer_config:\n"
+     "    optimizer_weight_shard_size: -2\n",
+     r"parallel\.parallel_optimizer_config\.optimizer_weight_shard_size must be a positive int or -1, got -2"),
+    (b"model:\n  model_config:\n    num_heads: \xff\n", r"not UTF-8 text"),
+])
+def test_malformed_mf_yaml_names_file_and_key(params, tmp_path, text, message):
+    path = str(tmp_path / "tiny.ckpt")
+    save_mindformers(as_tree(params), CFG, path)
+    (tmp_path / "run.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises((KeyError, ValueError), match=r"run\.yaml: " + message):
+        load_mindformers(path, mf_yaml=str(tmp_path / "run.yaml"))
+
+
+def test_ckpt_records_that_disagree_or_overflow_are_refused(tmp_path):
+    """Hand-written records: a same-name record of another shape glued on (MindSpore's continuation
+    records repeat the tensor's dims and type), and dims whose product overflows int64."""
+    from tc2.checkpoint import ms_ckpt
+    one = str(tmp_path / "one.ckpt")
+    write_ckpt(one, [("w", np.zeros((4, 2), np.float32), "float32")])
+    other = str(tmp_path / "other.ckpt")
+    write_ckpt(other, [("w", np.zeros((2, 2), np.float32), "float32")])
+    glued = tmp_path / "glued.ckpt"
+    glued.write_bytes(open(one, "rb").read() + open(other, "rb").read())
+    with pytest.raises(ValueError, match=r"glued\.ckpt: tensor 'w' is split into records that disagree on its "
+                                         r"shape or type \(\[4, 2\] Float32, then \[2, 2\] Float32\)"):
+        CkptFile(str(glued))
+    tag, type_name = b"w", b"Float32"
+    dims = b"".join(b"\x08" + ms_ckpt._varint(d) for d in (2 ** 32, 2 ** 32, 4))
+    tensor = dims + ms_ckpt._ld(2, len(type_name)) + type_name + ms_ckpt._ld(3, 0)
+    value = ms_ckpt._ld(1, len(tag)) + tag + ms_ckpt._ld(2, len(tensor)) + tensor
+    (tmp_path / "huge.ckpt").write_bytes(ms_ckpt._ld(1, len(value)) + value)
+    with pytest.raises(ValueError, match=r"huge\.ckpt: tensor 'w' holds 0 bytes, but its shape \(4294967296, "
+                                         r"4294967296, 4\) of Float32 needs 295147905179352825856"):
+        CkptFile(str(tmp_path / "huge.ckpt"))
+
+
+# ---- MindSpore's optimizer parallelism (enable_parallel_optimizer in every release finetune yaml) -------
+NORMS_AND_BIASES = ("attention_norm", "ffn_norm", "norm_out", ".bias")
+
+
+def _opt_rank_files(root, params, *, tp, dp, pp=1, vocab_split=False, threshold_kb=64, shard_size=-1,
+                    embedding=True):
+    """A MindFormers run's rank_*/ files with optimizer parallelism, cut by hand as MindSpore does:
+    each tensor's model-parallel slice (tp fastest, then dp, then pp) is cut again on dim 0 into
+    k pieces, k = its copies per stage (dp, or dp*tp when tp does not split it) or shard_size,
+    rank i of a stage holding piece (i // step) % k (step = tp if tp splits the tensor, else 1),
+    if its full size is >= threshold_kb KB and its dim 0 divides. MindFormers' TeleChat2 never cuts
+    norms and biases, nor the embedding unless model_config.parallel_optimizer (`embedding`)."""
+    stage_of_layer = {i: i * pp // CFG.n_layer for i in range(CFG.n_layer)}
+    names = spec_mf_names(CFG)
+    for p in range(pp):
+        for i in range(dp * tp):
+            t = i % tp
+            items = []
+            for mf, (_, tc2) in names.items():
+                a = params[tc2]
+                layer = int(mf.split(".")[2]) if mf.startswith("model.layers.") else None
+                if (stage_of_layer[layer] if layer is not None else 0 if "tok_embeddings" in mf else pp - 1) != p:
+                    continue
+                split = None
+                if any(k in mf for k in ("wq.", "wk_v.", "w1.", "w3.")) or (
+                        vocab_split and ("tok_embeddings" in mf or mf == "lm_head.weight")):
+                    split = 0
+                elif mf.endswith(("wo.weight", "w2.weight")):
+                    split = 1
+                if split is not None:
+                    n = a.shape[split] // tp
+                    a = a[t * n:(t + 1) * n] if split == 0 else a[:, t * n:(t + 1) * n]
+                step = tp if split is not None else 1
+                copies = dp * tp // step
+                k = copies if shard_size == -1 else shard_size
+                eligible = not any(s in mf for s in NORMS_AND_BIASES) and (embedding or "tok_embeddings" not in mf)
+                if eligible and params[tc2].nbytes >= threshold_kb * 1024 and a.shape[0] % k == 0:
+                    piece, rows = (i // step) % k, a.shape[0] // k
+                    a = a[piece * rows:(piece + 1) * rows]
+                items.append((mf, np.ascontiguousarray(a), "float32"))
+            items.append(("adam_m.model.norm_out.weight", np.zeros(3, np.float32), "float32"))
+            rank = p * dp * tp + i
+            os.makedirs(os.path.join(root, f"rank_{rank}"))
+            write_ckpt(os.path.join(root, f"rank_{rank}", f"telechat_rank_{rank}-1_2.ckpt"), items)
+    return root
+
+
+def _run_yaml(path, *, tp, dp, pp=1, opt=True, vocab_emb_dp=None, shard_size=None, model_config=None):
+    mc = model_config if model_config is not None else {
+        "hidden_size": 64, "num_layers": 2, "num_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
+        "intermediate_size": 176, "seq_length": 64, "parallel_optimizer": True}
+    lines = ["parallel:", f"  enable_parallel_optimizer: {opt}", "  parallel_optimizer_config:",
+             "    parallel_optimizer_threshold: 64"]
+    if shard_size is not None:
+        lines.append(f"    optimizer_weight_shard_size: {shard_size}")
+    lines += ["parallel_config:", f"  data_parallel: {dp}", f"  model_parallel: {tp}", f"  pipeline_stage: {pp}"]
+    if vocab_emb_dp is not None:
+        lines.append(f"  vocab_emb_dp: {vocab_emb_dp}")
+    lines += ["model:", "  model_config:"] + [f"    {k}: {v}" for k, v in mc.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+EMBEDDING = "model.tok_embeddings.embedding_weight"
+
+
+def test_optimizer_parallel_embedding_without_the_yaml_is_refused_not_halved(params, tmp_path):
+    """dp=2, tp=1, the release threshold (64 KB): only the (512, 64) embedding and lm_head are cut,
+    each rank holding 256 rows. Read as plain copies this was a vocab-256 model."""
+    root = _opt_rank_files(str(tmp_path / "run"), params, tp=1, dp=2)
+    assert CkptFile(os.path.join(root, "rank_1", "telechat_rank_1-1_2.ckpt")).entries[EMBEDDING][0] == (256, 64)
+    with pytest.raises(ValueError, match=r"run: rank_1 holds a different lm_head\.weight \(256, 64\) from rank_0, although "
+                                         r"with model_parallel 1 both would hold the same block: the tensor is cut "
+                                         r"across data-parallel ranks \(MindSpore's optimizer parallel.*pass the run's "
+                                         r"MindFormers yaml \(mf_yaml=, --mf_yaml\)"):
+        load_mindformers(root, n_head=4)
+    with pytest.raises(ValueError, match=r"rank_0 holds lm_head\.weight as \(256, 64\): 1/2 of the rows of the \(512, 64\) "
+                                         r"each of its 2 data-parallel copies would hold .*optimizer parallel; pass "
+                                         r"the run's MindFormers yaml"):
+        load_mindformers(root, config=CFG)
+    off = _run_yaml(tmp_path / "off.yaml", tp=1, dp=2, opt=False)
+    with pytest.raises(ValueError, match=r"optimizer parallel; but .*off\.yaml does not set "
+                                         r"parallel\.enable_parallel_optimizer: True"):
+        load_mindformers(root, mf_yaml=off)
+    tree, cfg = load_mindformers(root, mf_yaml=_run_yaml(tmp_path / "run.yaml", tp=1, dp=2))
+    assert_same_params(tree, params)
+    assert cfg.vocab_size == 512 and cfg.seq_length == 64
+
+
+@pytest.mark.parametrize("layout", [dict(tp=1, dp=2, threshold_kb=0), dict(tp=2, dp=2, threshold_kb=0),
+                                    dict(tp=2, dp=2, threshold_kb=0, vocab_split=True),
+                                    dict(tp=2, dp=2, threshold_kb=0, embedding=False),
+                                    dict(tp=2, dp=2, pp=2, threshold_kb=0, vocab_split=True),
+                                    dict(tp=1, dp=4, threshold_kb=0, shard_size=2),
+                                    dict(tp=2, dp=4, threshold_kb=32, shard_size=2, vocab_split=True),
+                                    dict(tp=1, dp=8)])
+def test_optimizer_parallel_layouts_merge_exactly_with_the_yaml(params, tmp_path, layout):
+    root = _opt_rank_files(str(tmp_path / "run"), params, **layout)
+    tp, dp, pp = layout["tp"], layout["dp"], layout.get("pp", 1)
+    first = CkptFile(os.path.join(root, "rank_0", "telechat_rank_0-1_2.ckpt")).entries
+    wo = first.get("model.layers.0.attention.wo.weight")
+    if layout.get("threshold_kb") == 0 and wo is not None:                     # the fixture does cut
+        assert wo[0][0] < CFG.hidden_size
+    yaml_path = _run_yaml(tmp_path / "run.yaml", tp=tp, dp=dp, pp=pp, shard_size=layout.get("shard_size"),
+                          vocab_emb_dp=not layout.get("vocab_split", False))
+    tree, cfg = load_mindformers(root, mf_yaml=yaml_path)
+    assert_same_params(tree, params)
+    assert cfg == CFG.replace(layer_norm_epsilon=cfg.layer_norm_epsilon)
+
+
+def test_optimizer_parallel_layout_mismatches_are_named(params, tmp_path):
+    root = _opt_rank_files(str(tmp_path / "run"), params, tp=1, dp=4, threshold_kb=0, shard_size=2)
+    with pytest.raises(ValueError, match=r"cut on dim 0 by MindSpore's optimizer parallel into 2 pieces, but "
+                                         r".*run\.yaml gives optimizer groups of 4 \(4 copies, "
+                                         r"optimizer_weight_shard_size -1\)"):
+        load_mindformers(root, mf_yaml=_run_yaml(tmp_path / "run.yaml", tp=1, dp=4))
+    with pytest.raises(ValueError, match=r"4 ranks \(0\.\.3\) hold one pipeline stage, but .*dp2\.yaml says "
+                                         r"data_parallel 2 x model_parallel 1"):
+        load_mindformers(root, mf_yaml=_run_yaml(tmp_path / "dp2.yaml", tp=1, dp=2, shard_size=2))
+    partial = _run_yaml(tmp_path / "partial.yaml", tp=1, dp=4, shard_size=2, model_config={"num_heads": 4})
+    with pytest.raises(ValueError, match=r"partial\.yaml lacks model\.model_config\.hidden_size/vocab_size/"
+                                         r"intermediate_size, needed for the full shapes"):
+        load_mindformers(root, mf_yaml=partial)
+
+
+def test_recipe_converts_an_optimizer_parallel_run(params, tmp_path, capsys):
+    import importlib.util
+    root = _opt_rank_files(str(tmp_path / "run"), params, tp=2, dp=2, threshold_kb=0)
+    spec = importlib.util.spec_from_file_location("recipe_convert", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "convert.py"))
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    out = str(tmp_path / "hf")
+    assert recipe.main(["mf-to-hf", root, out, "--n_head", "4", "--seq_length", "64", "--no_progress"]) == 2
+    assert "optimizer parallel" in capsys.readouterr().err
+    assert not os.path.exists(out)
+    yaml_path = _run_yaml(tmp_path / "run.yaml", tp=2, dp=2, vocab_emb_dp=True)
+    assert recipe.main(["mf-to-hf", root, out, "--mf_yaml", yaml_path, "--no_progress"]) == 0
+    from tc2.checkpoint.hf import load_hf
+    tree, cfg = load_hf(out)
+    assert_same_params(tree, params)
+    assert cfg.seq_length == 64
+
+
+def test_embedding_lm_head_and_config_must_agree(params, tmp_path):
+    """A lm_head of another vocabulary than the embedding is named, whatever gives the config."""
+    items = [(mf, params[tc2][:500] if mf == "lm_head.weight" else params[tc2], "float32")
+             for mf, (_, tc2) in spec_mf_names(CFG).items()]
+    path = str(tmp_path / "odd.ckpt")
+    write_ckpt(path, items)
+    with pytest.raises(ValueError, match=r"odd\.ckpt: tensor lm_head\.weight has shape \(500, 64\), but the config "
+                                         r"\(.*vocab_size=512\) implies \(512, 64\)"):
+        load_mindformers(path, n_head=4)
+    yaml_path = _run_yaml(tmp_path / "v.yaml", tp=1, dp=1, opt=False, model_config={
+        "hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 500, "intermediate_size": 176})
+    with pytest.raises(ValueError, match=r"tensor transformer\.word_embeddings\.weight has shape \(512, 64\), but the "
+                                         r"config \(.*vocab_size=500\) implies \(500, 64\)"):
+        load_mindformers(path, mf_yaml=yaml_path)
+
+
+def test_one_optimizer_parallel_rank_file_alone_is_refused(params, tmp_path):
+    root = _opt_rank_files(str(tmp_path / "run"), params, tp=1, dp=2, threshold_kb=0)
+    with pytest.raises(ValueError, match=r"rank_0 holds model\.layers\.0\.attention\.wo\.weight with 32 rows, not "
+                                         r"hidden_size 64: its rows are cut across data-parallel ranks"):
+        load_mindformers(os.path.join(root, "rank_0", "telechat_rank_0-1_2.ckpt"), n_head=4)
+    with pytest.raises(ValueError, match=r"rank_0 holds model\.layers\.0\.attention\.wo\.weight with 32 rows"):
+        load_mindformers(root, n_head=4)

@@ -124,6 +124,42 @@ def test_real_decode_inverts_encode(real):
     assert tok.decode([7], skip_special_tokens=True) == ""
 
 
+@needs_shared
+def test_real_min_tokens_is_a_lower_bound_reached_by_the_longest_pieces(real):
+    tok, _ = real
+    assert tok.max_chars_per_token == 128                             # '-' * 128 is one piece
+    for text in HARD_STRINGS + ["-" * 1280, "." * 1000 + "x", " " * 3000, "你好" * 500]:
+        assert len(tok.encode(text)) >= tok.min_tokens(len(text)), text
+    assert len(tok.encode("-" * 1280)) == tok.min_tokens(1280) + 1 == 11   # tight: + the dummy prefix
+
+
+def test_min_tokens_gives_no_bound_when_the_normalizer_folds_text():
+    import io
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(synthetic_corpus(300, seed=1)), model_writer=buf,
+                                   vocab_size=600, hard_vocab_limit=False, normalization_rule_name="nmt_nfkc",
+                                   minloglevel=2)
+    tok = Tokenizer.from_bytes(buf.getvalue())
+    assert tok.max_chars_per_token is None and tok.min_tokens(10 ** 6) == 0
+
+
+def test_plain_text_encoding_never_gives_special_ids(small_tok):
+    text = "a<_user>b<_end>\n<tool_call>c<_pad>"
+    ids = small_tok.encode_text(text)
+    assert not set(ids) & set(small_tok.special_ids.values()) and small_tok.decode(ids) == text
+    assert small_tok.encode_text("plain words") == small_tok.encode("plain words")
+    pieces = [("<_user>", False), ("q<_bot>", True), ("<_bot>x", False), ("y", True)]
+    assert small_tok.encode_pieces(pieces) == (
+        [small_tok.user_id] + small_tok.encode_text("q<_bot>") + [small_tok.bot_id] + small_tok.encode_text("xy"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(list("ab -.\n你好_") + ["<_user>", "-" * 40, " " * 40]), max_size=100))
+def test_min_tokens_is_a_lower_bound(small_tok, parts):
+    text = "".join(parts)
+    assert len(small_tok.encode(text)) >= small_tok.min_tokens(len(text))
+
+
 # --- the offline tokenizer ----------------------------------------------------------------------
 def test_trained_tokenizer_has_telechat_layout(small_tok):
     expect = ["<_unk>", "<_start>", "<_end>", "<_pad>", "<_user>", "<_bot>", "<_system>",

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 from mindspore import ops
 
+import numpy_ref as ref
+
 from tc2.config import tiny
 from tc2.config import IGNORE_INDEX
 from tc2.model import cross_entropy_sum, forward, init_params, loss_fn
 from tc2.optim import adamw
 from tc2.data.records import BatchIterator
-from tc2.step import (LossScaleConfig, as_micro_batches, grads_and_loss, init_train_state,
+from tc2.step import (LossScaleConfig, as_micro_batches, eval_loss_sums, grads_and_loss, init_train_state,
                        split_micro_batches, train_step)
 from tc2.train.checkpoints import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                                   save_checkpoint, validate_checkpoint)
@@ -29,6 +31,7 @@ from tc2.optim import OptimConfig, make_optimizer
 from tc2.train.loop import NonFiniteLossError, TrainConfig, evaluate, fit
 from tc2.tree import tree_flatten_with_names
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = tiny()
 CFG16 = tiny(dtype="float16")
 B, T, PAD = 4, 64, 3
@@ -60,6 +63,11 @@ def _batches(rows):
     return TrainBatches(BatchIterator(rows, B, seed=1, num_epochs=None), PAD)
 
 
+def _masks(batch):
+    """The batch's attention inputs (pad keys masked) as forward/loss_fn keyword arguments."""
+    return {k: ms.Tensor(batch[k]) for k in ("positions", "segment_ids")}
+
+
 @pytest.fixture(scope="module")
 def params():
     return init_params(CFG, seed=0)
@@ -67,10 +75,14 @@ def params():
 
 @pytest.fixture(scope="module")
 def uneven_batch():
-    """[B, T] whose two halves have very different loss-token counts (mean of means != mean)."""
+    """[B, T] whose two halves have very different loss-token counts (mean of means != mean).
+
+    Plain causal rows (mask_pad=False): the test is about accumulation, and with this draw's
+    pads masked one gradient element lands near AdamW's eps (see the test), which moves the
+    second step's loss of the two paths apart by 3e-5 (measured), not by accumulation."""
     rows = _rows(B, seed=3)
     rows["labels"][:2, :-4] = IGNORE_INDEX                       # rows 0-1: 3 loss tokens each
-    return train_batch(rows, PAD)
+    return train_batch(rows, PAD, mask_pad=False)
 
 
 # --------------------------------------------------------------------------- data adapters
@@ -91,6 +103,60 @@ def test_train_batch_shifts_and_masks_pads():
     assert split_rows(_rows(10, 0), 0.0)[1] is None
     with pytest.raises(KeyError, match="tokens"):
         as_micro_batches({"labels": np.zeros((1, 4))})
+
+
+def test_batches_mask_pad_keys_and_keep_arange_positions():
+    rows = {"input_ids": np.array([[3, 3, 1, 10, 11, 12]]), "labels": np.array([[-100, -100, -100, 10, 11, 12]])}
+    b = train_batch(rows, pad_id=3)
+    assert b["segment_ids"].tolist() == [[0, 0, 1, 1, 1]]               # pads: their own segment
+    assert b["positions"].tolist() == [[0, 1, 2, 3, 4]]                 # RoPE slots include the pads
+    assert sorted(train_batch(rows, 3, mask_pad=False)) == ["labels", "tokens"]   # plain causal
+    # document masking on top: a pad anywhere leaves its conversation's segment
+    docs = {**rows, "input_ids": np.array([[3, 1, 10, 3, 1, 12]]),
+            "segment_ids": np.array([[0, 1, 1, 1, 2, 2]]), "positions": np.array([[0, 0, 1, 2, 0, 1]])}
+    b = train_batch(docs, 3)
+    assert b["segment_ids"].tolist() == [[0, 1, 1, 0, 2]] and b["positions"].tolist() == [[0, 0, 1, 2, 0]]
+    assert train_batch(docs, 3, mask_pad=False)["segment_ids"].tolist() == [[0, 1, 1, 1, 2]]
+    ev = eval_batches({k: v.repeat(3, 0) for k, v in rows.items()}, 2, 3)   # + a filler row of pads
+    assert [e["segment_ids"].tolist() for e in ev] == [[[0, 0, 1, 1, 1]] * 2, [[0, 0, 1, 1, 1], [0] * 5]]
+
+
+def test_loss_on_pad_led_rows_is_mindformers_training_loss(params):
+    """float64 reference of exactly MindFormers' training forward: causal AND key != pad,
+    positions 0..S-1 including the pads, loss where token != pad and label != -100."""
+    p = dict(params, lm_head=params["lm_head"] * 8.0)          # spread the token losses
+    rng = np.random.default_rng(21)
+    ids = rng.integers(4, CFG.vocab_size, (B, T + 1)).astype(np.int32)
+    labels = ids.copy()
+    for r, n_pad in enumerate((1, 5, 20, 40)):                  # every packed row starts with pads
+        ids[r, :n_pad] = PAD
+        labels[r, :n_pad + 3] = IGNORE_INDEX
+    tokens, shifted = ids[:, :-1], labels[:, 1:].copy()
+    shifted[tokens == PAD] = IGNORE_INDEX
+    P = ref.to_numpy64(p)
+    want = ref.token_mean_loss(ref.forward(P, tokens, CFG, key_ok=tokens != PAD), shifted)
+    plain = ref.token_mean_loss(ref.forward(P, tokens, CFG), shifted)
+    assert abs(plain - want) > 1e-2 * want                     # the pads matter for this batch
+    s, c = eval_loss_sums(p, train_batch({"input_ids": ids, "labels": labels}, PAD), CFG)
+    assert s / c == pytest.approx(want, rel=1e-5)
+    _, loss, _ = grads_and_loss(p, train_batch({"input_ids": ids, "labels": labels}, PAD), CFG)
+    assert loss == pytest.approx(want, rel=1e-5)               # the train step's loss too
+
+
+def test_finetune_batches_carry_the_pad_mask_by_default(tmp_path):
+    from tc2.context import LOCAL
+    from tc2.data.records import write_mindrecord
+    from tc2.train.setup import DataConfig, ModelSource, RunConfig, prepare_finetune
+    path = write_mindrecord(str(tmp_path / "d.mindrecord"), _rows(10, seed=13))
+    run = prepare_finetune(ModelSource(preset="tiny"), DataConfig(train=path, seq_length=T, eval_fraction=0.2),
+                           RunConfig(steps=2, global_batch=B, micro_batch=2), LOCAL, log=lambda s: None)
+    for batch in (next(run.batches), run.evals[0]):
+        is_pad = batch["tokens"] == PAD
+        assert is_pad.any() and (batch["segment_ids"] == np.where(is_pad, 0, 1)).all()
+        assert (batch["positions"] == np.arange(T)).all()
+    run = prepare_finetune(ModelSource(preset="tiny"), DataConfig(train=path, seq_length=T, mask_pad=False),
+                           RunConfig(steps=2, global_batch=B, micro_batch=2), LOCAL, log=lambda s: None)
+    assert "segment_ids" not in next(run.batches)
 
 
 def test_rows_from_mindrecord(tmp_path):
@@ -174,6 +240,56 @@ def test_document_masking_reaches_the_model(params):
     plain = float(loss_fn(params, ms.Tensor(batch["tokens"]), ms.Tensor(batch["labels"]), CFG).asnumpy())
     assert masked == pytest.approx(ref, rel=1e-5)
     assert abs(masked - plain) > 1e-4
+
+
+def test_ids_outside_the_vocabulary_are_refused_on_the_host(params):
+    state = init_train_state(params, OPT)
+    good = train_batch(_rows(B, seed=15), PAD)
+    for key, value, message in (("tokens", CFG.vocab_size, "batch row 3 (micro-batch 1), position 7: token id 512 "
+                                 "is outside the model's vocabulary [0, 512) (batch['tokens'])"),
+                                ("labels", -7, "batch row 3 (micro-batch 1), position 7: label -7 is neither "
+                                 "-100 nor an id of the model's vocabulary [0, 512) (batch['labels'])")):
+        bad = {k: v.copy() for k, v in good.items()}
+        bad[key][3, 7] = value
+        with pytest.raises(ValueError) as err:
+            train_step(state, split_micro_batches(bad, 2), CFG, OPT, clip_norm=CLIP)
+        assert str(err.value) == message
+        with pytest.raises(ValueError, match=r"batch row 3, position 7: "):
+            eval_loss_sums(params, bad, CFG)
+    _, m = train_step(state, good, CFG, OPT, clip_norm=CLIP)            # the step still works
+    assert np.isfinite(m["loss"]) and not m["skipped"]
+
+
+def test_load_rows_refuses_ids_outside_the_vocabulary(tmp_path):
+    from tc2.data.records import write_mindrecord
+    from tc2.train.batches import load_rows
+    rows = _rows(5, seed=16)
+    rows["input_ids"][2, 9] = 700
+    path = write_mindrecord(str(tmp_path / "d.mindrecord"), rows)
+    assert load_rows(path, T)["input_ids"][2, 9] == 700                # no vocabulary given: not checked
+    with pytest.raises(ValueError, match=r"d.mindrecord: row 2, position 9: input_ids value 700 is outside "
+                                         r"the model's vocabulary \[0, 512\)"):
+        load_rows(path, T, vocab_size=CFG.vocab_size)
+
+
+def test_a_batch_without_loss_tokens_is_skipped_without_an_update(params, tmp_path):
+    state = init_train_state(params, OPT)
+    empty = train_batch(_rows(B, seed=17), PAD)
+    empty["labels"][:] = IGNORE_INDEX
+    new, m = train_step(state, empty, CFG, OPT, clip_norm=CLIP)
+    assert m["skipped"] == 1.0 and m["no_loss_tokens"] == 1.0 and m["loss_tokens"] == 0 and np.isnan(m["loss"])
+    assert m["lr"] == pytest.approx(1e-2, rel=1e-6)                     # the lr the next update will use
+    assert all(np.array_equal(v, _np(params)[k]) for k, v in _np(new.params).items())   # weight decay too
+    assert int(new.opt_state["count"].asnumpy()) == 0 and int(new.step.asnumpy()) == 1
+    rows = _rows(3 * B, seed=18)
+    rows["labels"][B:2 * B] = IGNORE_INDEX                              # the second batch: nothing to learn
+    log = []
+    batches = TrainBatches(BatchIterator(rows, B, shuffle=False, num_epochs=None), PAD)
+    result = fit(params, CFG, batches, optim=OCFG, log=log.append,
+                 train=TrainConfig(out_dir=str(tmp_path), steps=STEPS, stop_after=3, log_every=1, plot=False))
+    assert "step 2: the batch has no loss tokens (every label is -100): skipped without an update" in log
+    assert [r["skipped"] for r in result.history if r["kind"] == "train"] == [0, 1, 0]
+    assert int(result.state.opt_state["count"].asnumpy()) == 2
 
 
 def test_float16_loss_scaling_skips_overflow_then_grows(params):
@@ -419,7 +535,7 @@ def test_evaluate_is_the_token_weighted_loss_over_all_rows(params):
     assert len(batches) == 2 and batches[1]["tokens"].shape == (2, T)
     got = evaluate(params, CFG, batches)
     full = train_batch(rows, PAD)
-    logits, _ = forward(params, ms.Tensor(full["tokens"]), CFG)
+    logits, _ = forward(params, ms.Tensor(full["tokens"]), CFG, **_masks(full))
     s, c = cross_entropy_sum(logits, ms.Tensor(full["labels"]))
     assert got["eval_tokens"] == int(c.asnumpy())
     assert got["eval_loss"] == pytest.approx(float(s.asnumpy()) / float(c.asnumpy()), rel=1e-5)
@@ -493,3 +609,85 @@ def test_recipe_runs_end_to_end_on_jsonl(tmp_path, capsys):
     assert "the layout dp8 needs 8 processes" in capsys.readouterr().err   # outside msrun: a clear error
     with pytest.raises(ValueError, match="not executed yet.*zero=1"):   # planned-only modes: refused
         context_for(ParallelConfig(dp=2, zero=1))
+
+
+# --------------------------------------------------------------------------- run guards
+
+
+def test_a_second_run_on_a_busy_out_dir_fails_at_once(params, tmp_path, capsys):
+    import subprocess
+    import time
+    from tc2.train.guard import OutDirInUse
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom tc2.train.guard import out_dir_lock\n"
+                               "with out_dir_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": REPO, "GLOG_v": "3"})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        with pytest.raises(OutDirInUse) as err:
+            fit(params, CFG, _batches(_rows(8, seed=19)), optim=OCFG, log=lambda s: None,
+                train=TrainConfig(out_dir=str(tmp_path), steps=2, plot=False))
+        assert str(err.value).startswith(f"{tmp_path} is in use by another training run (pid {holder.pid} holds")
+        assert time.perf_counter() - t0 < 5 and sorted(os.listdir(tmp_path)) == [".lock"]   # nothing written
+        fin = _recipe()
+        argv = ["--config", os.path.join(REPO, "recipes", "configs", "finetune_tiny.yaml"), "--train.out_dir",
+                str(tmp_path), "--data.train", "nope.mindrecord"]
+        assert fin.main(argv) == 2
+        assert f"is in use by another training run (pid {holder.pid} holds" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    fit(params, CFG, _batches(_rows(8, seed=19)), optim=OCFG, log=lambda s: None,     # released with its holder
+        train=TrainConfig(out_dir=str(tmp_path), steps=1, plot=False))
+
+
+@pytest.fixture(scope="module")
+def jsonl_data(tmp_path_factory):
+    """A small MindFormers-format dataset and a tokenizer trained on its kind of text."""
+    from tc2.data.synthetic import corpus_text, make_examples
+    from tc2.data.tokenizer import train_tokenizer
+    root = tmp_path_factory.mktemp("jsonl")
+    with open(root / "train.jsonl", "w", encoding="utf-8") as f:
+        for e in make_examples(120, seed=1):
+            f.write(json.dumps({"input": e.question, "output": e.answer}, ensure_ascii=False) + "\n")
+    tok = train_tokenizer(corpus_text(make_examples(400, seed=3)), str(root / "tok"), vocab_size=512)
+    return str(root / "train.jsonl"), tok
+
+
+def test_ctrl_c_saves_the_last_complete_step_and_says_how_to_resume(jsonl_data, tmp_path):
+    """A real SIGINT to a running finetune.py (MindSpore turns it into SIGTERM): the step in flight
+    finishes, it is saved, the run exits 130 naming the checkpoint; resuming continues from it."""
+    import signal
+    import subprocess
+    train, tok = jsonl_data
+    out = tmp_path / "run"
+    argv = [sys.executable, os.path.join(REPO, "recipes", "finetune.py"), "--config",
+            os.path.join(REPO, "recipes", "configs", "finetune_tiny.yaml"), "--model.overrides", "{}",
+            "--data.train", train, "--data.eval", "null", "--data.tokenizer", tok, "--data.seq_length", str(T),
+            "--train.steps", "500",
+            "--train.epochs", "null", "--train.global_batch", str(B), "--train.micro_batch", str(B),
+            "--train.log_every", "1", "--train.save_every", "0", "--train.plot", "false", "--train.out_dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": REPO, "GLOG_v": "3", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stdout:                                 # wait until training runs in graph mode
+        lines.append(line)
+        if re.match(r"step +3/500", line):
+            break
+    os.kill(proc.pid, signal.SIGINT)
+    rest, err = proc.communicate(timeout=300)
+    printed = "".join(lines) + rest
+    assert proc.returncode == 130, printed[-2000:] + err[-2000:]
+    done = re.search(r"interrupted after step (\d+): checkpoint (\S+); resume with --train.resume true", printed)
+    assert done, printed[-2000:] + err[-2000:]
+    step, ckpt = int(done.group(1)), done.group(2)
+    assert step >= 3 and ckpt == str(out / f"step_{step:08d}") and [s for s, _ in list_checkpoints(str(out))] == [step]
+    assert validate_checkpoint(ckpt)["step"] == step
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(x)["step"] for x in f][-1] == step             # every finished step logged, no more
+    r = subprocess.run(argv + ["--train.resume", "true", "--train.stop_after", str(step + 1)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resume: continuing from {ckpt} (step {step})" in r.stdout
+    assert [s for s, _ in list_checkpoints(str(out))] == [step, step + 1]

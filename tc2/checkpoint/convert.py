@@ -33,14 +33,14 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from tc2.checkpoint.hf import INDEX, SINGLE, check_hf_layout, hf_shapes, hf_tensor_files, write_hf_tensors
-from tc2.checkpoint.mindformers import MindFormersCheckpoint, resolve_config
+from tc2.checkpoint.mindformers import MindFormersCheckpoint, refuse_unknown, resolve_config
 from tc2.checkpoint.ms_ckpt import write_ckpt
 from tc2.checkpoint.names import mf_name
 from tc2.checkpoint.reader import Reader, read_slices
 from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes, np_dtype,
-                                        read_header, to_float32)
+                                        parse_size, read_header, to_float32)
 from tc2.config import ModelConfig
-from tc2.files import StagedDir
+from tc2.files import StagedDir, make_dirs, remove_empty_dirs
 from tc2.parallel.sharding import split_dim
 
 LAYOUT = "tp_layout.json"
@@ -65,7 +65,8 @@ class HFCheckpoint(Reader):
 
     kind = "hf"
 
-    def __init__(self, path: str, *, config=None, n_head: Optional[int] = None, **_):
+    def __init__(self, path: str, *, config=None, n_head: Optional[int] = None, seq_length: Optional[int] = None,
+                 **_):
         self.path = path
         single = os.path.isfile(path)
         files = {n: path for n in read_header(path)} if single else hf_tensor_files(path)
@@ -81,7 +82,8 @@ class HFCheckpoint(Reader):
             shapes = {n: _weight(f, n)[0] for n, f in self._where.items()}
             if config is None and not single and os.path.isfile(os.path.join(path, "config.json")):
                 config = path
-            self.config = resolve_config(shapes, path, config=config, n_head=n_head)
+            self.config, self.unknown = resolve_config(shapes, path, config=config, n_head=n_head,
+                                                       seq_length=seq_length)
             self.tensors = {n: self._where[n].shape_dtype(n) for n in hf_shapes(self.config)}
 
     def read(self, name: str) -> np.ndarray:
@@ -96,18 +98,13 @@ class TPCheckpoint(Reader):
     """tc2's tensor-parallel directory (see the module docstring), read back as full tensors."""
 
     kind = "tc2-tp"
+    unknown = ()
 
     def __init__(self, path: str, **_):
         self.path = path
         layout_path = os.path.join(path, LAYOUT)
-        try:
-            with open(layout_path, encoding="utf-8") as f:
-                layout = json.load(f)
-            tp, specs = int(layout["tp"]), layout["tensors"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{layout_path}: not a tc2 tensor-parallel layout ({e!r})") from None
+        tp, self._layout = _read_tp_layout(layout_path)
         self.config = ModelConfig.from_hf(path)
-        self._layout = {n: (tuple(s["shape"]), s["split_dim"]) for n, s in specs.items()}
         check_hf_layout(self.config, {n: s for n, (s, _) in self._layout.items()}, layout_path)
         self._ranks: List[SafetensorsFile] = []
         with self.closing_on_error():
@@ -141,10 +138,36 @@ class TPCheckpoint(Reader):
             f.close()
 
 
+def _read_tp_layout(layout_path: str) -> Tuple[int, Dict[str, Tuple[Tuple[int, ...], Optional[int]]]]:
+    """(tp, {name: (full shape, split dim or None)}) of a tp_layout.json, every JSON type checked."""
+    def bad(why):
+        return ValueError(f"{layout_path}: not a tc2 tensor-parallel layout ({why})")
+    try:
+        with open(layout_path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(e) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict):
+        raise bad('no "tensors" object')
+    tp = doc.get("tp")
+    if type(tp) is not int or tp < 1:
+        raise bad(f'"tp" must be a positive int, got {tp!r}')
+    layout = {}
+    for name, spec in doc["tensors"].items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        dim = spec.get("split_dim") if isinstance(spec, dict) else None
+        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or
+                not (dim is None or (type(dim) is int and 0 <= dim < len(shape)))):
+            raise bad(f"tensor {name}: {spec!r}")
+        layout[name] = (tuple(shape), dim)
+    return tp, layout
+
+
 def open_checkpoint(path: str, **hints):
     """A reader for any supported format, detected from what `path` holds.
 
-    hints: n_head, mf_yaml, config (ModelConfig or config.json), pattern (per-rank .ckpt glob).
+    hints: n_head, mf_yaml, config (ModelConfig or config.json), pattern (per-rank .ckpt glob),
+    seq_length (the sequence lengths of a non-release size when no yaml or config gives them).
     """
     if os.path.isfile(path):
         if path.endswith(".ckpt"):
@@ -258,21 +281,27 @@ def convert_checkpoint(src: str, dest: str, *, to: str, dtype: str = "float32", 
         raise ValueError(f"to must be one of {FORMATS}, got {to!r}")
     if dtype not in WEIGHT_DTYPES:
         raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
+    parse_size(max_shard_size)                      # a bad size fails before any work
     if os.path.exists(dest) and os.path.realpath(dest) == os.path.realpath(src):
         raise ValueError(f"destination {dest} is the source: write to a new path")
     with open_checkpoint(src, **hints) as ck:
         if expect and ck.kind not in expect:
             raise ValueError(f"{src} is a {ck.kind} checkpoint; this conversion reads {' or '.join(expect)}")
+        if to in ("hf", "tp"):                          # these write a config.json
+            refuse_unknown(ck.unknown, ck.config, src)
         total = sum(nbytes(s, dtype) for s, _ in ck.tensors.values())
         prog = Progress(f"{ck.kind} -> {to} {os.path.basename(os.path.normpath(dest))}", total,
                         len(ck.tensors), enabled=progress)
         if to == "mf":
             if not dest.endswith(".ckpt"):
                 raise ValueError(f"a MindFormers checkpoint is one file: {dest} should end with .ckpt")
-            if os.path.dirname(dest):
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-            write_ckpt(dest, ((mf_name(n), ck.read(n), d) for n, (_, d) in ck.tensors.items()),
-                       dtype=dtype, on_tensor=prog.update)
+            created = make_dirs(os.path.dirname(dest)) if os.path.dirname(dest) else []
+            try:
+                write_ckpt(dest, ((mf_name(n), ck.read(n), d) for n, (_, d) in ck.tensors.items()),
+                           dtype=dtype, on_tensor=prog.update)
+            except BaseException:
+                remove_empty_dirs(created)               # a failed conversion leaves no new directories
+                raise
         elif to == "hf":
             write_hf_tensors(((n, ck.read(n), src) for n, (_, src) in ck.tensors.items()), ck.config, dest,
                              dtype=dtype, max_shard_size=max_shard_size, order=list(ck.tensors),

@@ -18,8 +18,8 @@ import mindspore as ms
 import numpy as np
 
 from tc2.checkpoint.names import hf_name, tc2_from_hf
-from tc2.checkpoint.safetensors import (WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter, nbytes,
-                                        parse_size, plan_shards, read_header)
+from tc2.checkpoint.safetensors import (ST_DTYPES, WEIGHT_DTYPES, SafetensorsFile, SafetensorsWriter,
+                                        nbytes, parse_size, plan_shards, read_header)
 from tc2.config import ModelConfig
 from tc2.files import StagedDir
 from tc2.model import param_specs
@@ -41,12 +41,9 @@ def hf_tensor_files(path: str) -> Dict[str, str]:
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     index = os.path.join(path, INDEX)
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a safetensors index ({e})") from None
+        weight_map = _read_weight_map(index)
         for file in sorted(set(weight_map.values())):
+            _check_shard_inside(index, path, file)
             if not os.path.isfile(os.path.join(path, file)):
                 raise FileNotFoundError(f"{index} lists {file}, which is not in {path}")
         return {n: os.path.join(path, f) for n, f in weight_map.items()}
@@ -55,6 +52,41 @@ def hf_tensor_files(path: str) -> Dict[str, str]:
         return {n: single for n in read_header(single)}
     found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*")))
     raise FileNotFoundError(f"{path}: neither {SINGLE} nor {INDEX} (found {found[:8]})")
+
+
+def _read_weight_map(index: str) -> Dict[str, str]:
+    """The index's weight_map {tensor name: shard file name}, its JSON types checked."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({e})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: not a safetensors index (no \"weight_map\" object)")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise ValueError(f"{index}: weight_map[{name!r}] is {file!r}, not a file name")
+    return weight_map
+
+
+def _check_shard_inside(index: str, path: str, file: str) -> None:
+    """A shard the index names must be a file inside the checkpoint directory: no absolute path,
+    no `..`, no symlink leading out of it (an index is data, not a way to open any file)."""
+    root = os.path.realpath(path)
+    target = os.path.realpath(os.path.join(path, file))
+    if os.path.isabs(file) or target == root or os.path.commonpath([root, target]) != root:
+        raise ValueError(f"{index} lists shard {file!r}, which is outside {path}: shards must be "
+                         f"files inside the checkpoint directory (symlinks included)")
+
+
+def check_weight_dtype(file: str, name: str, code: str) -> None:
+    """Refuse a tensor stored as anything but a float weight dtype (an int64 `lm_head` would
+    otherwise be cast to float and loaded as if it were weights)."""
+    if ST_DTYPES.get(code) not in WEIGHT_DTYPES:
+        what = f"{code} ({ST_DTYPES[code]})" if code in ST_DTYPES else repr(code)
+        raise ValueError(f"{file}: tensor {name} is stored as {what}, not as a float weight "
+                         f"({', '.join(WEIGHT_DTYPES)})")
 
 
 def check_hf_layout(cfg: ModelConfig, found: Dict[str, Tuple[int, ...]], where: str) -> None:
@@ -70,7 +102,7 @@ def check_hf_layout(cfg: ModelConfig, found: Dict[str, Tuple[int, ...]], where: 
                        (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     for name, (shape, _) in expected.items():
         if tuple(found[name]) != tuple(shape):
-            raise ValueError(f"{where}: tensor {name} has shape {tuple(found[name])}, but config.json "
+            raise ValueError(f"{where}: tensor {name} has shape {tuple(found[name])}, but the config "
                              f"(hidden_size={cfg.hidden_size}, n_head={cfg.n_head}, num_key_value_heads="
                              f"{cfg.num_key_value_heads}, ffn_hidden_size={cfg.ffn_hidden_size}, "
                              f"vocab_size={cfg.vocab_size}) implies {tuple(shape)}")
@@ -103,6 +135,8 @@ def load_hf(path: str, *, dtype=ms.float32, ctx=None, **config_overrides):
     for file in sorted(set(files.values())):
         for name, meta in read_header(file).items():
             shapes[name] = meta["shape"]
+            if files.get(name) == file:
+                check_weight_dtype(file, name, meta["dtype"])
     check_hf_layout(cfg, {n: shapes.get(n, ()) for n in files}, path)
     slices = None
     if ctx is not None and ctx.tp > 1:

@@ -5,7 +5,8 @@ The `.ckpt` file format itself (indexing, streaming reads and writes) is
 rename of the HF names (spec §4), both spelled in the one table of `tc2.checkpoint.names`
 (`mf_name`, `hf_from_mf`; tests check the round trip). The config comes from a config.json, a
 MindFormers yaml, or the tensor shapes. A directory of `rank_*/` files from a MindFormers run is
-merged with the tensor-parallel rule shared with `tc2.parallel.sharding.split_dim`; see
+merged as `tc2.checkpoint.mf_layout` plans it (pipeline stages, the tensor-parallel rule shared
+with `tc2.parallel.sharding.split_dim`, MindSpore's optimizer-parallel pieces); see
 `MindFormersCheckpoint`.
 """
 from __future__ import annotations
@@ -19,13 +20,13 @@ import mindspore as ms
 import numpy as np
 
 from tc2.checkpoint.hf import check_hf_layout, hf_arrays, hf_shapes
+from tc2.checkpoint.mf_layout import MFRun, plan_rank_merge
 from tc2.checkpoint.ms_ckpt import CkptFile, write_ckpt
-from tc2.checkpoint.names import hf_from_mf, hf_layer, hf_name, leaf_key, mf_name, tc2_from_hf
-from tc2.checkpoint.reader import Reader, read_slices
-from tc2.checkpoint.safetensors import WEIGHT_DTYPES, np_dtype, to_float32
-from tc2.config import ModelConfig, telechat2_7b, telechat2_35b, telechat2_115b
+from tc2.checkpoint.names import hf_from_mf, hf_layer, hf_name, mf_name, tc2_from_hf
+from tc2.checkpoint.reader import Reader, read_blocks
+from tc2.checkpoint.safetensors import np_dtype, to_float32
+from tc2.config import ModelConfig, field_problem, telechat2_7b, telechat2_35b, telechat2_115b
 from tc2.model import param_specs
-from tc2.parallel.sharding import split_dim
 from tc2.tree import tree_unflatten_from_names
 
 # ---- configs ----------------------------------------------------------------------------------
@@ -37,8 +38,8 @@ _MF_KEYS = {"hidden_size": "hidden_size", "num_layers": "n_layer", "num_heads": 
             "pad_token_id": "pad_token_id"}
 
 
-def read_mf_yaml(path: str) -> Tuple[dict, dict]:
-    """A MindFormers yaml -> (ModelConfig fields from model.model_config, parallel_config)."""
+def read_mf_yaml(path: str) -> Tuple[dict, MFRun]:
+    """A MindFormers yaml -> (ModelConfig fields from model.model_config, its parallel settings)."""
     import yaml
     try:
         with open(path, encoding="utf-8") as f:
@@ -47,13 +48,24 @@ def read_mf_yaml(path: str) -> Tuple[dict, dict]:
         raise FileNotFoundError(f"MindFormers yaml not found: {path}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
-    mc = (doc.get("model") or {}).get("model_config") or {}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    mc = model.get("model_config") if isinstance(model, dict) else None
     if not mc:
         raise KeyError(f"{path}: no model.model_config section (is this a MindFormers yaml?)")
+    for section, value in (("model.model_config", mc), ("parallel_config", doc.get("parallel_config")),
+                           ("parallel", doc.get("parallel"))):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{path}: {section} must be a mapping, got {type(value).__name__}")
     fields = {ours: mc[theirs] for theirs, ours in _MF_KEYS.items() if mc.get(theirs) is not None}
+    for theirs, ours in _MF_KEYS.items():
+        problem = field_problem(ours, fields[ours], fields.get("vocab_size", 131072)) if ours in fields else None
+        if problem:
+            raise ValueError(f"{path}: model.model_config.{theirs} {problem}")
     if "seq_length" in fields:
         fields.update(training_seqlen=fields["seq_length"], base_seqlen=fields["seq_length"])
-    return fields, dict(doc.get("parallel_config") or {})
+    return fields, MFRun.from_yaml(doc, path)
 
 
 def infer_config(shapes: Dict[str, Tuple[int, ...]], where: str, *, n_head: Optional[int] = None,
@@ -95,15 +107,63 @@ def infer_config(shapes: Dict[str, Tuple[int, ...]], where: str, *, n_head: Opti
     return cfg
 
 
-def resolve_config(shapes, where: str, *, config=None, n_head=None, yaml_fields=None) -> ModelConfig:
-    """The config from an explicit ModelConfig / config.json, else yaml fields + the shapes."""
+LENGTH_FIELDS = ("seq_length", "training_seqlen", "base_seqlen")
+
+
+def resolve_config(shapes, where: str, *, config=None, n_head=None, yaml_fields=None,
+                   seq_length: Optional[int] = None) -> Tuple[ModelConfig, Tuple[str, ...]]:
+    """(config, the fields no source gave) from an explicit ModelConfig / config.json, else yaml
+    fields + `seq_length` + the shapes.
+
+    The weights tell every size but the heads, and nothing of the sequence lengths (where dynamic
+    NTK and mscale start): a released hidden size brings its release's lengths; otherwise they
+    come from the yaml or `seq_length` (all three), or are the ModelConfig defaults and are listed
+    as unknown (a conversion writing a config.json refuses them: `refuse_unknown`).
+    """
     if config is not None:
         cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
+        if seq_length is not None and seq_length != cfg.seq_length:
+            raise ValueError(f"{where}: seq_length={seq_length} disagrees with the config's {cfg.seq_length}")
         check_hf_layout(cfg, shapes, where)
-        return cfg
+        return cfg, ()
     fields = dict(yaml_fields or {})
+    if seq_length is not None:
+        problem = field_problem("seq_length", seq_length)
+        if problem:
+            raise ValueError(f"seq_length {problem}")
+        fields.update({f: seq_length for f in LENGTH_FIELDS})
     yaml_heads = fields.pop("n_head", None)
-    return infer_config(shapes, where, n_head=n_head or yaml_heads, **fields)
+    cfg = infer_config(shapes, where, n_head=n_head or yaml_heads, **fields)
+    known = cfg.hidden_size in _RELEASES or any(f in fields for f in LENGTH_FIELDS)
+    return cfg, () if known else LENGTH_FIELDS
+
+
+def refuse_unknown(unknown: Tuple[str, ...], cfg: ModelConfig, where: str) -> None:
+    """Raise if a config about to be written has fields no source gave (see `resolve_config`)."""
+    if unknown:
+        raise ValueError(f"{where}: hidden size {cfg.hidden_size} is no TeleChat2 release, so the weights do not "
+                         f"tell {', '.join(unknown)} (where dynamic NTK and mscale start) for the config.json "
+                         f"this writes: pass the run's MindFormers yaml (mf_yaml=, --mf_yaml), an HF "
+                         f"config.json (config=, --config) or the length (seq_length=, --seq_length N)")
+
+
+def expected_shapes(config: Optional[ModelConfig], fields: dict, n_head: Optional[int],
+                    n_layer: int) -> Tuple[Optional[Dict[str, Tuple[int, ...]]], List[str]]:
+    """({HF name: full shape}, []) from the config, else from a yaml's model_config (n_kv_heads
+    defaulting to num_heads, as MindFormers does); (None, the yaml keys missing) if neither."""
+    if config is not None:
+        return {n: tuple(s) for n, (s, _) in hf_shapes(config).items()}, []
+    heads = fields.get("n_head") or n_head
+    need = {"hidden_size": "hidden_size", "vocab_size": "vocab_size", "ffn_hidden_size": "intermediate_size"}
+    missing = [mf for ours, mf in need.items() if ours not in fields] + ([] if heads else ["num_heads"])
+    if missing:
+        return None, missing
+    try:
+        cfg = ModelConfig(**{k: fields[k] for k in need}, n_head=heads, n_layer=fields.get("n_layer", n_layer),
+                          num_key_value_heads=fields.get("num_key_value_heads", heads))
+    except ValueError:
+        return None, ["(a consistent model_config)"]
+    return {n: tuple(s) for n, (s, _) in hf_shapes(cfg).items()}, []
 
 
 # ---- MindFormers checkpoints as full HF-named tensors -------------------------------------------
@@ -136,41 +196,45 @@ class MindFormersCheckpoint(Reader):
     """A MindFormers checkpoint opened for reading as full tensors under HF names.
 
     `path`: a `.ckpt`, or a directory of `rank_*/` sub-directories (one `.ckpt` each, chosen by
-    `pattern`) written by a MindFormers parallel run. Ranks holding the same tensor names form a
-    pipeline stage; within a stage the model-parallel degree mp is the yaml's model_parallel or
-    hidden_size / (rows of a wq slice); ranks run tp fastest (Megatron order, as
-    `tc2.parallel.sharding`), so the stage's first mp ranks hold one full copy (the rest are
-    data-parallel replicas). Each tensor is split as `tc2.parallel.sharding.split_dim` says,
-    except the embedding and lm_head, which MindFormers keeps whole when vocab_emb_dp is set:
-    that is read from the yaml, from the vocab size, or, failing both, from whether ranks 0 and 1
-    hold identical copies.
-    Non-weights (optimizer moments, counters) are listed in `ignored`.
+    `pattern`) written by a MindFormers parallel run, merged as `tc2.checkpoint.mf_layout` says:
+    pipeline stages, the model-parallel split (degree from the yaml or hidden_size / columns of a
+    wo slice) and MindSpore's optimizer-parallel dim-0 pieces, which need the run's yaml
+    (`mf_yaml`): without it, ranks that differ where they should be copies are refused.
+    Non-weights (optimizer moments, counters) are listed in `ignored`; `unknown` lists the
+    config fields no source gave (see `resolve_config`).
     """
 
     kind = "mindformers"
 
     def __init__(self, path: str, *, n_head: Optional[int] = None, mf_yaml: Optional[str] = None,
-                 config=None, pattern: str = "*.ckpt", check_crc: bool = False):
+                 config=None, pattern: str = "*.ckpt", check_crc: bool = False,
+                 seq_length: Optional[int] = None):
         self.path = path
         self._files: Dict[int, CkptFile] = {}
         with self.closing_on_error():
             for rank, file in rank_ckpt_files(path, pattern):
                 self._files[rank] = CkptFile(file, check_crc=check_crc)
-            fields, parallel = read_mf_yaml(mf_yaml) if mf_yaml else ({}, {})
+            fields, run = read_mf_yaml(mf_yaml) if mf_yaml else ({}, None)
             if config is not None and not isinstance(config, ModelConfig):
                 config = ModelConfig.from_hf(config)
+            weights = self._weights()
+            layers = {hf_layer(h) for w in weights.values() for h in w} - {None}
+            expected, missing = expected_shapes(config, fields, n_head, max(layers, default=-1) + 1)
             vocab = config.vocab_size if config is not None else fields.get("vocab_size")
-            shapes = self._plan_merge(parallel.get("model_parallel"), parallel.get("vocab_emb_dp"), vocab)
-            self.config = resolve_config(shapes, path, config=config, n_head=n_head, yaml_fields=fields)
+            self._plan, self.mp = plan_rank_merge(self._files, weights, path, run=run, expected=expected,
+                                                  vocab=vocab, missing=missing)
+            shapes = {n: p.shape for n, p in self._plan.items()}
+            self.config, self.unknown = resolve_config(shapes, path, config=config, n_head=n_head,
+                                                       yaml_fields=fields, seq_length=seq_length)
             for what, n in (("n_head", self.config.n_head), ("num_key_value_heads",
                                                              self.config.num_key_value_heads)):
                 if n % self.mp:
                     raise ValueError(f"{path}: model-parallel degree {self.mp} does not divide {what}={n}; "
                                      f"MindFormers gives every rank whole heads, so these are not its shards")
-            order = list(hf_shapes(self.config))
-            self.tensors = {n: (tuple(shapes[n]), self._dtype[n]) for n in order}
+            self.tensors = {n: (shapes[n], self._plan[n].dtype) for n in hf_shapes(self.config)}
 
-    def _plan_merge(self, mp_hint, vocab_emb_dp, vocab) -> Dict[str, Tuple[int, ...]]:
+    def _weights(self) -> Dict[int, Dict[str, str]]:
+        """{rank: {HF name: MF tag}} of the TeleChat2 weights; refuses fused and foreign files."""
         weights = {r: {h: t for t in cf.entries for h in [hf_from_mf(t)] if h} for r, cf in self._files.items()}
         first = self._files[0]
         self.ignored = sorted(t for t in first.entries if hf_from_mf(t) is None)
@@ -183,92 +247,16 @@ class MindFormersCheckpoint(Reader):
         if not weights[0]:
             raise KeyError(f"{first.path}: no TeleChat2 MindFormers weights (names like "
                            f"model.layers.0.attention.wq.weight); found {sorted(first.entries)[:5]}")
-        stages: Dict[frozenset, List[int]] = {}
-        for r in sorted(weights):
-            stages.setdefault(frozenset(weights[r]), []).append(r)
-        groups = list(stages.items())
-        for i, (a, ra) in enumerate(groups):          # pipeline stages hold disjoint tensors
-            for b, rb in groups[i + 1:]:
-                if a & b:
-                    odd = sorted(a ^ b)[0]
-                    has, lacks = (ra[0], rb[0]) if odd in a else (rb[0], ra[0])
-                    raise KeyError(f"{self.path}: rank_{lacks} lacks {weights[has][odd]}, which "
-                                   f"rank_{has} holds (ranks must hold the same tensors, or disjoint ones "
-                                   f"for pipeline stages)")
-        mp = int(mp_hint or self._infer_mp(weights, stages))
-        self.mp = mp
-        self._plan, self._dtype, shapes = {}, {}, {}
-        for names, ranks in stages.items():
-            if len(ranks) % mp:
-                raise ValueError(f"{self.path}: ranks {ranks} hold the same tensors but are not a multiple "
-                                 f"of the model-parallel degree {mp}")
-            members = ranks[:mp]
-            for hf in sorted(names):
-                if hf in shapes:
-                    raise ValueError(f"{self.path}: tensor {hf} is on ranks of two different stages")
-                tag = weights[members[0]][hf]
-                metas = [self._files[r].entries[weights[r][hf]] for r in members]
-                if len({(m[0], m[1]) for m in metas}) != 1:
-                    raise ValueError(f"{self.path}: ranks {members} disagree on {tag}: " +
-                                     ", ".join(f"rank_{r} {m[0]} {m[1]}" for r, m in zip(members, metas)))
-                shape, dtype = list(metas[0][0]), metas[0][1]
-                if dtype not in WEIGHT_DTYPES:
-                    raise ValueError(f"{self._files[members[0]].path}: {tag} is {dtype}, not a float weight")
-                dim = split_dim(hf) if mp > 1 else None
-                if dim is not None and leaf_key(hf) in ("word_embeddings", "lm_head"):
-                    if vocab is not None:
-                        dim = None if shape[0] == vocab else dim
-                    elif vocab_emb_dp is not None:
-                        dim = None if vocab_emb_dp else dim
-                    else:
-                        dim = None if self._same(members[0], members[1], weights, hf) else dim
-                if dim is not None:
-                    shape[dim] *= mp
-                self._plan[hf] = (dim, [(self._files[r], weights[r][hf]) for r in members])
-                self._dtype[hf], shapes[hf] = dtype, tuple(shape)
-        return shapes
-
-    def _infer_mp(self, weights, stages) -> int:
-        """hidden_size / rows of a wq slice, the same in every stage; checks ranks differ."""
-        found = {}
-        for names, ranks in stages.items():
-            r = ranks[0]
-            for hf in sorted(names):
-                if leaf_key(hf) != "query":
-                    continue
-                norm = hf_name(f"layers.{hf_layer(hf)}.input_layernorm")
-                if norm in names:
-                    hidden = self._files[r].entries[weights[r][norm]][0][0]
-                    rows = self._files[r].entries[weights[r][hf]][0][0]
-                    if hidden % rows:
-                        raise ValueError(f"{self.path}: rank_{r} {weights[r][hf]} has {rows} rows, "
-                                         f"which does not divide hidden_size {hidden}")
-                    found[tuple(ranks)] = (hidden // rows, hf)
-                    break
-        degrees = {mp for mp, _ in found.values()}
-        if len(degrees) > 1:
-            raise ValueError(f"{self.path}: stages disagree on the model-parallel degree: {found}")
-        mp = degrees.pop() if degrees else 1
-        for ranks, (_, hf) in found.items():
-            if mp > len(ranks):
-                raise ValueError(f"{self.path}: {weights[ranks[0]][hf]} is 1/{mp} of the attention, but "
-                                 f"only {len(ranks)} rank file(s) hold it: pass the directory holding all "
-                                 f"rank_* folders of the run")
-            if mp > 1 and self._same(ranks[0], ranks[1], weights, hf):
-                raise ValueError(f"{self.path}: rank_{ranks[0]} and rank_{ranks[1]} hold the same slice of "
-                                 f"{hf}: the ranks are not in tensor-parallel-fastest order")
-        return mp
-
-    def _same(self, r0: int, r1: int, weights, hf: str) -> bool:
-        return np.array_equal(self._files[r0].read(weights[r0][hf]), self._files[r1].read(weights[r1][hf]))
+        return weights
 
     def read(self, name: str) -> np.ndarray:
         """The full tensor `name` (HF name), raw: bfloat16 as uint16 bits (see `tensors`)."""
-        dim, parts = self._plan[name]
-        if dim is None:
-            file, tag = parts[0]
-            return file.read(tag)
-        return read_slices(parts, self.tensors[name][0], np_dtype(self._dtype[name]), dim)
+        plan = self._plan[name]
+        if len(plan.blocks) == 1:
+            rank, tag, _ = plan.blocks[0]
+            return self._files[rank].read(tag)
+        return read_blocks([(self._files[r], tag, index) for r, tag, index in plan.blocks], plan.shape,
+                           np_dtype(plan.dtype))
 
     def close(self):
         for f in self._files.values():
@@ -277,14 +265,16 @@ class MindFormersCheckpoint(Reader):
 
 # ---- the public pair ----------------------------------------------------------------------------
 def load_mindformers(path_or_dir: str, *, n_head: Optional[int] = None, mf_yaml: Optional[str] = None,
-                     config=None, pattern: str = "*.ckpt", dtype=ms.float32):
+                     config=None, pattern: str = "*.ckpt", dtype=ms.float32, seq_length: Optional[int] = None):
     """A MindFormers TeleChat2 `.ckpt` (or a directory of per-rank ones) -> (params, ModelConfig).
 
     The config comes from `config` (a ModelConfig or an HF config.json), else `mf_yaml` (a
-    MindFormers yaml), else the tensor shapes plus `n_head` (optional for the released sizes).
+    MindFormers yaml), else the tensor shapes plus `n_head` (optional for the released sizes) and
+    `seq_length` (the weights do not tell it: for a non-release size without a yaml or config it
+    is otherwise ModelConfig's default, 8192; converting to HF refuses that guess).
     """
     with MindFormersCheckpoint(path_or_dir, n_head=n_head, mf_yaml=mf_yaml, config=config,
-                               pattern=pattern) as ck:
+                               pattern=pattern, seq_length=seq_length) as ck:
         cfg = ck.config
         flat = {tc2_from_hf(h): ms.Tensor(to_float32(ck.read(h), d)).astype(dtype)
                 for h, (_, d) in ck.tensors.items()}

@@ -22,7 +22,7 @@ import numpy as np
 
 from tc2.checkpoint.reader import Reader
 from tc2.checkpoint.safetensors import WEIGHT_DTYPES, encoded_blocks, nbytes, np_dtype
-from tc2.files import atomic_file
+from tc2.files import atomic_file, naming_write_errors
 
 _CKPT_TYPES = {"Float32": "float32", "Float16": "float16", "BFloat16": "bfloat16", "Float64": "float64",
                "Int8": "int8", "UInt8": "uint8", "Int16": "int16", "UInt16": "uint16", "Int32": "int32",
@@ -134,7 +134,11 @@ class CkptFile(Reader):
             if type_name is None or content is None:
                 raise ValueError(f"{self.path}: corrupt MindSpore checkpoint (tensor {tag!r} lacks its "
                                  f"type or data)")
-            if tag == last:
+            if tag == last:                              # MindSpore's continuation of a big tensor
+                if (dims, type_name) != tuple(entries[tag][:2]):
+                    raise ValueError(f"{self.path}: tensor {tag!r} is split into records that disagree on its "
+                                     f"shape or type ({entries[tag][0]} {entries[tag][1]}, then {dims} "
+                                     f"{type_name}): the file is corrupt")
                 entries[tag][2].append(content)
             elif tag in entries:
                 raise ValueError(f"{self.path}: tensor {tag!r} appears twice")
@@ -179,11 +183,29 @@ class CkptFile(Reader):
             pos += n
         return out
 
+    def read_span(self, tag: str, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of tensor `tag`'s raw data (across its records)."""
+        out, pos = bytearray(), 0
+        for off, n in self.entries[tag][2]:
+            lo, hi = max(start, pos), min(stop, pos + n)
+            if lo < hi:
+                self._f.seek(off + lo - pos)
+                out += self._f.read(hi - lo)
+            pos += n
+        return bytes(out)
+
     def close(self):
         self._f.close()
 
 
 # ---- .ckpt writing ----------------------------------------------------------------------------
+def _close_quietly(f) -> None:
+    try:
+        f.close()
+    except OSError:                                   # flushing onto a full disk: the file is dropped anyway
+        pass
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -210,17 +232,29 @@ def write_ckpt(path: str, tensors: Iterable[Tuple[str, np.ndarray, str]], *, dty
     item = np_dtype(dtype).itemsize
     per_record = max(record_bytes // item, 1)
     type_name = _CKPT_TYPE_OF[dtype].encode()
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        for name, raw, src in tensors:
-            tag = name.encode()
-            dims = b"".join(b"\x08" + _varint(d) for d in (raw.shape or (0,)))
-            for start in range(0, max(raw.size, 1), per_record):
-                stop = min(start + per_record, raw.size)
-                n = (stop - start) * item
-                tensor_head = dims + _ld(2, len(type_name)) + type_name + _ld(3, n)
-                value_head = _ld(1, len(tag)) + tag + _ld(2, len(tensor_head) + n) + tensor_head
-                f.write(_ld(1, len(value_head) + n) + value_head)
-                for block in encoded_blocks(raw, src, dtype, start, stop):
-                    f.write(memoryview(block).cast("B"))
-            if on_tensor is not None:
-                on_tensor(name, raw.size * item)
+    with atomic_file(path) as tmp:
+        with naming_write_errors(path):
+            f = open(tmp, "wb")
+
+        def put(data) -> None:
+            with naming_write_errors(path):
+                f.write(data)
+        try:
+            for name, raw, src in tensors:
+                tag = name.encode()
+                dims = b"".join(b"\x08" + _varint(d) for d in (raw.shape or (0,)))
+                for start in range(0, max(raw.size, 1), per_record):
+                    stop = min(start + per_record, raw.size)
+                    n = (stop - start) * item
+                    tensor_head = dims + _ld(2, len(type_name)) + type_name + _ld(3, n)
+                    value_head = _ld(1, len(tag)) + tag + _ld(2, len(tensor_head) + n) + tensor_head
+                    put(_ld(1, len(value_head) + n) + value_head)
+                    for block in encoded_blocks(raw, src, dtype, start, stop):
+                        put(memoryview(block).cast("B"))
+                if on_tensor is not None:
+                    on_tensor(name, raw.size * item)
+        except BaseException:
+            _close_quietly(f)
+            raise
+        with naming_write_errors(path):
+            f.close()

@@ -2,10 +2,11 @@
 
 A reader holds open files (one safetensors or `.ckpt` file, or a checkpoint made of several)
 and gives tensors one at a time. `Reader` is the clean-up code they all need (`close`, use as a
-context manager, close when a constructor fails half-way), written once. `read_slices` builds
-one full tensor from equal slices held by several files (tensor-parallel ranks), reading each
-slice straight into the output where the slice is contiguous there, so a merge holds the full
-tensor plus at most one slice.
+context manager, close when a constructor fails half-way), written once. `read_blocks` builds
+one full tensor from blocks held by several files (tensor-parallel ranks, optimizer-parallel
+slices), reading each block straight into the output where it is contiguous there, so a merge
+holds the full tensor plus at most one block; `read_slices` is its case of equal slices along
+one dim.
 """
 from __future__ import annotations
 
@@ -37,18 +38,31 @@ class Reader:
         self.close()
 
 
-def read_slices(parts: Sequence[Tuple[object, str]], shape: Tuple[int, ...], dtype: np.dtype,
-                dim: int) -> np.ndarray:
-    """The tensor of `shape` whose equal slices along `dim` are `parts` in order.
-
-    parts: [(file, name)] where `file.read(name, out=None)` gives the raw slice (a
-    `SafetensorsFile` or `CkptFile`). A slice that is C-contiguous in the output (every slice
-    along dim 0) is read into it in place; any other is read, then copied in.
+def read_blocks(blocks: Sequence[Tuple[object, str, Tuple[slice, ...]]], shape: Tuple[int, ...],
+                dtype: np.dtype) -> np.ndarray:
+    """The tensor of `shape` assembled from `blocks`: [(file, name, index)], where `index` (a tuple
+    of slices) is the region `file.read(name, out=None)` fills. The blocks must tile the tensor.
+    A block C-contiguous in the output (a run of whole rows) is read into it in place; any
+    other is read, then copied in, so a merge holds the full tensor plus at most one block.
     """
     out = np.empty(shape, dtype)
-    for (file, name), dest in zip(parts, np.split(out, len(parts), axis=dim)):
+    for file, name, index in blocks:
+        dest = out[index]
         if dest.flags.c_contiguous:
             file.read(name, out=dest)
         else:
             dest[...] = file.read(name)
     return out
+
+
+def read_slices(parts: Sequence[Tuple[object, str]], shape: Tuple[int, ...], dtype: np.dtype,
+                dim: int) -> np.ndarray:
+    """The tensor of `shape` whose equal slices along `dim` are `parts` in order.
+
+    parts: [(file, name)] where `file.read(name, out=None)` gives the raw slice (a
+    `SafetensorsFile` or `CkptFile`); see `read_blocks`.
+    """
+    step = shape[dim] // len(parts)
+    return read_blocks([(file, name, tuple(slice(i * step, (i + 1) * step) if d == dim else slice(None)
+                                           for d in range(len(shape))))
+                        for i, (file, name) in enumerate(parts)], shape, dtype)

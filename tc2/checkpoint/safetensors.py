@@ -19,6 +19,7 @@ The `.ckpt` writer (`tc2.checkpoint.ms_ckpt`) shares these conversions.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Dict, Iterable, Optional, Sequence, Tuple
@@ -26,7 +27,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import numpy as np
 
 from tc2.checkpoint.reader import Reader
-from tc2.files import atomic_file
+from tc2.files import atomic_file, naming_write_errors
 
 # ---- raw dtypes -----------------------------------------------------------------------------
 ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -35,6 +36,7 @@ ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bflo
 _ST_CODE = {v: k for k, v in ST_DTYPES.items()}
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
 BLOCK_ELEMS = 1 << 22                                  # 16 MB of float32 per conversion block
+MAX_HEADER_BYTES = 100_000_000                         # the format's cap (the safetensors library's)
 
 
 def np_dtype(dtype: str) -> np.dtype:
@@ -43,8 +45,8 @@ def np_dtype(dtype: str) -> np.dtype:
 
 
 def nbytes(shape: Sequence[int], dtype: str) -> int:
-    """Bytes of an array of `shape` stored as `dtype`."""
-    return int(np.prod(shape, dtype=np.int64)) * np_dtype(dtype).itemsize
+    """Bytes of an array of `shape` stored as `dtype` (exact: Python ints never overflow)."""
+    return math.prod(int(d) for d in shape) * np_dtype(dtype).itemsize
 
 
 def bf16_bits_from_f32(a: np.ndarray) -> np.ndarray:
@@ -95,29 +97,53 @@ def encode_tensor(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 # ---- reading --------------------------------------------------------------------------------
-def _parse_header(f, path: str) -> Tuple[dict, dict, int]:
-    """(tensors, __metadata__, byte offset of the data) of the open file `f`, every entry
-    checked against its shape and the file size."""
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = sorted(k for k in set(keys) if keys.count(k) > 1)
+        raise ValueError(f"tensor {twice[0]!r} is listed twice")
+    return dict(pairs)
+
+
+def _read_header_json(f, path: str) -> Tuple[dict, int]:
+    """The header object of the open file `f` and its byte length; its declared length is checked
+    against the format's cap and the file size before anything is read."""
     raw = f.read(8)
     if len(raw) < 8:
         raise ValueError(f"{path}: truncated safetensors file (no header)")
     (n,) = struct.unpack("<Q", raw)
     size = os.fstat(f.fileno()).st_size
+    if n > MAX_HEADER_BYTES:
+        raise ValueError(f"{path}: corrupt safetensors header (declared length {n} bytes is above the "
+                         f"format's {MAX_HEADER_BYTES // 1_000_000} MB limit)")
     if n > size - 8:
         raise ValueError(f"{path}: corrupt safetensors header (length {n} > file size {size})")
     try:
-        header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header, n
+
+
+def _parse_header(f, path: str) -> Tuple[dict, dict, int]:
+    """(tensors, __metadata__, byte offset of the data) of the open file `f`, every entry
+    checked against its shape, and the entries' byte ranges checked to tile the data block
+    (from 0 to the end of the file, in some order, no overlap and no gap: what
+    `safetensors.safe_open` accepts), so no tensor can alias another."""
+    header, n = _read_header_json(f, path)
+    size = os.fstat(f.fileno()).st_size
     metadata = header.pop("__metadata__", None) or {}
-    end = 0
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: corrupt safetensors header (__metadata__ must map str to str)")
+    spans = []
     for name, meta in header.items():
         try:
             dtype, shape, (start, stop) = meta["dtype"], meta["shape"], meta["data_offsets"]
-            ok = (isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape) and
-                  isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop)
+            ok = (isinstance(dtype, str) and isinstance(shape, list) and
+                  all(type(d) is int and d >= 0 for d in shape) and
+                  type(start) is int and type(stop) is int and 0 <= start <= stop)
         except (TypeError, ValueError, KeyError):
             ok = False
         if not ok:
@@ -127,9 +153,20 @@ def _parse_header(f, path: str) -> Tuple[dict, dict, int]:
             if stop - start != want:
                 raise ValueError(f"{path}: corrupt safetensors header (tensor {name} has {stop - start} "
                                  f"bytes for shape {tuple(shape)} {dtype})")
-        end = max(end, stop)
+        spans.append((start, stop, name))
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:
+            what = (f"overlaps the tensor before it (bytes {start}..{stop}, previous ends at {end})"
+                    if start < end else f"starts at byte {start}, leaving bytes {end}..{start} unused")
+            raise ValueError(f"{path}: corrupt safetensors header (tensor {name} {what}: tensor byte "
+                             f"ranges must tile the data block)")
+        end = stop
     if 8 + n + end > size:
         raise ValueError(f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end})")
+    if 8 + n + end < size:
+        raise ValueError(f"{path}: corrupt safetensors file ({size - 8 - n - end} bytes after the last "
+                         f"tensor that no header entry covers)")
     return header, metadata, 8 + n
 
 
@@ -216,8 +253,13 @@ class SafetensorsWriter:
         self.nbytes = off
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        with naming_write_errors(path):
+            self._f = open(path, "wb")
+            try:
+                self._f.write(struct.pack("<Q", len(raw)) + raw)
+            except BaseException:
+                self._f.close()
+                raise
         self._next = 0
 
     def write(self, name: str, raw: np.ndarray, src: Optional[str] = None) -> None:
@@ -232,17 +274,22 @@ class SafetensorsWriter:
         if tuple(raw.shape) != shape:
             raise ValueError(f"{self.path}: tensor {name} has shape {tuple(raw.shape)}, header says {shape}")
         for block in encoded_blocks(raw, src or dtype, dtype):
-            self._f.write(memoryview(block).cast("B"))
+            with naming_write_errors(self.path):
+                self._f.write(memoryview(block).cast("B"))
         self._next += 1
 
     def close(self) -> None:
         """Finish the file; it must hold every tensor of its header."""
-        self._f.close()
+        with naming_write_errors(self.path):
+            self._f.close()
         if self._next != len(self._entries):
             raise RuntimeError(f"{self.path}: only {self._next}/{len(self._entries)} tensors written")
 
     def abort(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:                               # flushing onto a full disk: the file is dropped anyway
+            pass
 
     def __enter__(self):
         return self
@@ -277,13 +324,26 @@ def plan_shards(sizes: Iterable[Tuple[str, int]], max_shard_bytes) -> list:
     return shards
 
 
-def parse_size(size) -> int:
-    """'5GB' / '500MB' / 1000 -> bytes (HF's max_shard_size convention, decimal units)."""
-    if size is None or isinstance(size, int):
-        return size
-    s = str(size).strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
-                       ("KB", 10**3), ("B", 1)):
+def parse_size(size) -> Optional[int]:
+    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (HF's max_shard_size convention, decimal units);
+    None stays None. Anything else (a word, a negative or zero size, NaN) is a ValueError
+    naming the value."""
+    if size is None:
+        return None
+    bad = ValueError(f"max_shard_size: cannot read {size!r} as a size (a positive number of bytes, or "
+                     f"one with a unit: 5GB, 500MB, 2GiB)")
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise bad
+    s, mult = str(size).strip().upper(), 1
+    for unit, m in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                    ("KB", 10**3), ("B", 1)):
         if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+            s, mult = s[: -len(unit)].strip(), m
+            break
+    try:
+        value = float(s)
+    except ValueError:
+        raise bad from None
+    if not math.isfinite(value) or int(value * mult) < 1:
+        raise bad
+    return int(value * mult)

@@ -4,14 +4,20 @@
     [<_start>] + per past message ([<_user>] + ids(q) | [<_bot>] + ids(a) + [<_end>])
     + [<_user>] + ids(question) + [<_bot>]
 (b) `style="template"` (default): the Jinja chat template shipped with the 7B/35B releases,
-    rendered to text and encoded with `Tokenizer.encode` (as `apply_chat_template` + encode):
+    rendered to text and encoded like `apply_chat_template` + encode:
     <_system>{system}\\n<_user>{q1}<_bot>{a1}<_end>\\n<_user>{q2}<_bot>
     with the default system prompt when none is given, a tools section in the system prompt,
     tool calls inside assistant turns and tool results as `<_user><tool_response>...`.
 
-The template is written out in Python (no jinja dependency); `template_segments` also tells
-which text is an answer, which the fine-tuning data needs for its loss mask. It only needs a
-tokenizer with `encode` and the special ids, so it does not import `tc2.data.tokenizer`.
+Message content is plain text in both styles: a message containing `<_user>`, `<_end>` or any
+other special-token string is encoded as those characters, never as control ids (the official
+code would splice control ids into the prompt: a user could end a turn or forge one). For
+content without special-token strings the ids equal the official ones exactly.
+
+The template is written out in Python (no jinja dependency); `template_pieces` also tells
+which text is an answer, which the fine-tuning data needs for its loss mask, and which is
+content. It only needs a tokenizer with `encode_pieces`, `encode_text` and the special ids,
+so it does not import `tc2.data.tokenizer`.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import json
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "render_chat", "render_chat_text", "template_system_text",
-           "template_segments"]
+           "template_pieces", "answer_runs"]
 
 DEFAULT_SYSTEM_PROMPT = ("你是中国电信星辰语义大模型，英文名是TeleChat，你是由中电信人工智能科技有限公司"
                          "和中国电信人工智能研究院（TeleAI）研发的人工智能助手。")
@@ -57,7 +63,9 @@ def template_system_text(messages: Sequence[Mapping[str, Any]], tools: Optional[
     return (DEFAULT_SYSTEM_PROMPT if system is None else system) + "\n"
 
 
-def _tool_calls_text(calls: Any, i: int) -> str:
+def _tool_call_pieces(calls: Any, i: int) -> List[Tuple[str, bool]]:
+    """(text, plain) pieces of an assistant turn's tool calls: the `<tool_call>` wrappers are
+    template, the name and arguments are content."""
     if isinstance(calls, str):  # the DeepSpeed data stores tool_calls as a JSON string
         try:
             calls = json.loads(calls)
@@ -65,7 +73,7 @@ def _tool_calls_text(calls: Any, i: int) -> str:
             raise ValueError(f"message {i}: 'tool_calls' is not valid JSON: {e}") from None
     if not isinstance(calls, (list, tuple)):
         raise ValueError(f"message {i}: 'tool_calls' must be a list")
-    out = []
+    out: List[Tuple[str, bool]] = []
     for j, call in enumerate(calls):
         if not isinstance(call, Mapping):
             raise ValueError(f"message {i}: tool call {j} must be an object")
@@ -73,23 +81,30 @@ def _tool_calls_text(calls: Any, i: int) -> str:
             call = call["function"]
         if "name" not in call:
             raise ValueError(f"message {i}: tool call {j} has no 'name'")
-        out.append(("<tool_call>" if j == 0 else "\n<tool_call>") + '\n{"name": "' + str(call["name"])
-                   + '", "arguments": ' + _tojson(call.get("arguments")) + "}\n</tool_call>")
-    return "".join(out)
+        out += [("<tool_call>" if j == 0 else "\n<tool_call>", False),
+                ('\n{"name": "' + str(call["name"]) + '", "arguments": ' + _tojson(call.get("arguments")) + "}\n",
+                 True),
+                ("</tool_call>", False)]
+    return out
 
 
-def template_segments(system_text: str, messages: Sequence[Mapping[str, Any]], *,
-                      add_generation_prompt: bool = True,
-                      final_newline: bool = True) -> List[Tuple[str, bool]]:
-    """The template as (text, is_answer) pieces; `"".join(texts)` is the rendered prompt.
+def template_pieces(system_text: str, messages: Sequence[Mapping[str, Any]], *,
+                    add_generation_prompt: bool = True,
+                    final_newline: bool = True) -> List[Tuple[str, bool, bool]]:
+    """The template as (text, is_answer, plain) pieces; `"".join(texts)` is the rendered prompt.
 
-    `system_text` is written verbatim after `<_system>` (see `template_system_text`); a system
-    message at index 0 of `messages` is skipped, elsewhere it is an error. An answer piece is
-    an assistant turn's content + tool calls + `<_end>`. Every piece boundary touches a special
-    token, so encoding the pieces one by one gives the same ids as encoding the whole text.
-    `final_newline=False` drops the `\\n` the template writes after the last `<_end>`.
+    `plain` marks message content (user, assistant and tool text, tool-call names and
+    arguments): it is encoded as plain text (`Tokenizer.encode_pieces`), so a message that
+    contains `<_user>` or `<_end>` never produces a control id. The template's own text and
+    `system_text` (the operator's system prompt, written verbatim after `<_system>`; see
+    `template_system_text`: the release's tools section carries `<tool_call>` markup) are not
+    plain. A system message at index 0 of `messages` is skipped, elsewhere it is an error. The
+    answer pieces of a turn are its content + tool calls + `<_end>`; every change of `is_answer`
+    touches a special token (`<_bot>` before, `<_end>` at the end), so the answers' ids can be
+    encoded on their own (`answer_runs`). `final_newline=False` drops the `\\n` the template
+    writes after the last `<_end>`.
     """
-    segs: List[Tuple[str, bool]] = [("<_system>" + system_text, False)]
+    out: List[Tuple[str, bool, bool]] = [("<_system>", False, False), (system_text, False, False)]
     prev_role = None
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
@@ -99,34 +114,48 @@ def template_segments(system_text: str, messages: Sequence[Mapping[str, Any]], *
             if i != 0:
                 raise ValueError(f"message {i}: a system message is only allowed first")
         elif role == "user":
-            segs.append(("<_user>" + _content(m, i), False))
+            out += [("<_user>", False, False), (_content(m, i), False, True)]
         elif role in _BOT_ROLES:
-            answer = _content(m, i, optional=True)
+            out += [("<_bot>", False, False), (_content(m, i, optional=True), True, True)]
             if m.get("tool_calls"):
-                answer += _tool_calls_text(m["tool_calls"], i)
-            segs.append(("<_bot>", False))
-            segs.append((answer + "<_end>", True))
-            segs.append(("\n", False))
+                out += [(t, True, plain) for t, plain in _tool_call_pieces(m["tool_calls"], i)]
+            out += [("<_end>", True, False), ("\n", False, False)]
         elif role == "tool":
             head = "\n<tool_response>\n" if prev_role == "tool" else "<_user><tool_response>\n"
-            segs.append((head + _content(m, i) + "\n</tool_response>", False))
+            out += [(head, False, False), (_content(m, i), False, True), ("\n</tool_response>", False, False)]
         else:
             raise ValueError(f"message {i}: unknown role {role!r} "
                              "(expected system, user, bot/assistant or tool)")
         prev_role = role
-    if not final_newline and segs[-1] == ("\n", False):
-        segs.pop()
+    if not final_newline and out[-1] == ("\n", False, False):
+        out.pop()
     if add_generation_prompt:
-        segs.append(("<_bot>", False))
-    return segs
+        out.append(("<_bot>", False, False))
+    return [p for p in out if p[0]]
+
+
+def answer_runs(pieces: Sequence[Tuple[str, bool, bool]]) -> List[Tuple[List[Tuple[str, bool]], bool]]:
+    """Consecutive pieces with the same `is_answer`, as ([(text, plain), ...], is_answer)."""
+    runs: List[Tuple[List[Tuple[str, bool]], bool]] = []
+    for text, is_answer, plain in pieces:
+        if not runs or runs[-1][1] != is_answer:
+            runs.append(([], is_answer))
+        runs[-1][0].append((text, plain))
+    return runs
 
 
 def render_chat_text(messages: Sequence[Mapping[str, Any]], *, tools: Optional[Sequence] = None,
                      add_generation_prompt: bool = True) -> str:
     """The 7B/35B chat template as text (what `apply_chat_template(tokenize=False)` returns)."""
-    segs = template_segments(template_system_text(messages, tools), messages,
+    pieces = template_pieces(template_system_text(messages, tools), messages,
                              add_generation_prompt=add_generation_prompt)
-    return "".join(t for t, _ in segs)
+    return "".join(t for t, _, _ in pieces)
+
+
+def _template_ids(messages, tokenizer, tools, add_generation_prompt) -> List[int]:
+    pieces = template_pieces(template_system_text(messages, tools), messages,
+                             add_generation_prompt=add_generation_prompt)
+    return tokenizer.encode_pieces([(t, plain) for t, _, plain in pieces])
 
 
 def _rounds(messages: Sequence[Mapping[str, Any]]) -> List[List[Mapping[str, Any]]]:
@@ -144,8 +173,7 @@ def _render_template(messages, tokenizer, tools, add_generation_prompt, max_toke
     rounds = _rounds(messages[len(system):])
     for drop in range(max(len(rounds), 1)):
         kept = system + [m for r in rounds[drop:] for m in r]
-        ids = tokenizer.encode(render_chat_text(kept, tools=tools,
-                                                add_generation_prompt=add_generation_prompt))
+        ids = _template_ids(kept, tokenizer, tools, add_generation_prompt)
         if max_tokens is None or len(ids) <= max_tokens:
             return ids
     raise ValueError(f"prompt is {len(ids)} tokens, more than max_tokens={max_tokens} "
@@ -157,9 +185,9 @@ def _render_115b(messages, tokenizer, add_generation_prompt, max_tokens) -> List
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, Mapping) else None
         if role == "user":
-            parts.append([tokenizer.user_id] + tokenizer.encode(_content(m, i)))
+            parts.append([tokenizer.user_id] + tokenizer.encode_text(_content(m, i)))
         elif role in _BOT_ROLES:
-            parts.append([tokenizer.bot_id] + tokenizer.encode(_content(m, i, optional=True))
+            parts.append([tokenizer.bot_id] + tokenizer.encode_text(_content(m, i, optional=True))
                          + [tokenizer.eos_id])
         else:
             raise ValueError(f"message {i}: role {role!r} is not supported by the 115B chat() "

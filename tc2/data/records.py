@@ -8,17 +8,22 @@ what we write and we read what MF writes. Optional extra int32 columns (`segment
 MindRecord refuses renamed files (its index `.db` records the data file's name), so an atomic
 write goes to a fresh temp directory next to the target under the final basename, then both
 files are renamed into place, the index first: the data file only appears once complete.
+MindSpore's writer crashes the process (SIGSEGV) when the disk fills, so the free space is
+checked first, and the temp directory carries the writer's pid: a write removes the temp
+directories of writers that are no longer alive.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["mindrecord_path", "write_mindrecord", "read_mindrecord", "BatchIterator"]
+__all__ = ["mindrecord_path", "write_mindrecord", "read_mindrecord", "BatchIterator", "check_free_space",
+           "remove_stale_temp_dirs"]
 
 
 def mindrecord_path(output_path: str) -> str:
@@ -29,6 +34,38 @@ def mindrecord_path(output_path: str) -> str:
     if output_path.endswith(".mindrecord"):
         return output_path
     return os.path.join(output_path, "dataset.mindrecord")
+
+
+_TMP_PREFIX = ".tmp_mindrecord_"
+_SPACE_MARGIN = 64 << 20        # MindRecord's header and page padding (a 1-row file is ~48 MiB, sparse)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(directory: str) -> None:
+    """Remove `.tmp_mindrecord_<pid>_*` directories whose writer process is gone (killed or
+    crashed mid-write: its `finally` never ran)."""
+    for name in os.listdir(directory):
+        m = re.match(re.escape(_TMP_PREFIX) + r"(\d+)_", name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def check_free_space(directory: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """OSError naming the directory and both sizes when the rows cannot fit on its filesystem."""
+    need = int(sum(a.nbytes for a in arrays.values()) * 1.1) + _SPACE_MARGIN
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise OSError(f"{directory}: {free / 2**20:,.0f} MiB free, but the MindRecord needs about "
+                      f"{need / 2**20:,.0f} MiB: free some space or write elsewhere (nothing was written)")
 
 
 def write_mindrecord(path: str, columns: Mapping[str, np.ndarray], *, chunk_rows: int = 64) -> str:
@@ -45,8 +82,11 @@ def write_mindrecord(path: str, columns: Mapping[str, np.ndarray], *, chunk_rows
     if n == 0:
         raise ValueError("no rows to write")
     final = os.path.abspath(path)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmpdir = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=".tmp_mindrecord_")
+    directory = os.path.dirname(final)
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temp_dirs(directory)
+    check_free_space(directory, arrays)
+    tmpdir = tempfile.mkdtemp(dir=directory, prefix=f"{_TMP_PREFIX}{os.getpid()}_")
     try:
         tmp = os.path.join(tmpdir, os.path.basename(final))
         writer = FileWriter(tmp, shard_num=1, overwrite=True)

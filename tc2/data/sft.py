@@ -2,8 +2,11 @@
 
 Three line formats (detected per line):
   (a) MindFormers `{"input": ..., "output": ...}`; `input` may hold history
-      `<_user>q1<_bot>a1<_user>q2` (a leading `<_user>` is optional, as in MF);
-  (b) the seed README's single key `{"input": "<_user>q1<_bot>a1<_end><_user>q2<_bot>a2<_end>"}`;
+      `<_user>q1<_bot>a1<_user>q2` (a leading `<_user>` is optional, as in MF; a history
+      answer may end with `<_end>`);
+  (b) the seed README's single key `{"input": "<_user>q1<_bot>a1<_end><_user>q2<_bot>a2<_end>"}`,
+      optionally `<_start>`-led and with `<_pad>`s before or after the turns (dropped: packing
+      pads the rows itself); a `<_pad>` inside a turn is an error;
   (c) the official dialog format `{"system": ..., "dialog": [{"role", "content"}], ...}`
       (also `"conversation"` + optional `"tools"`), rendered with the 7B/35B chat template
       (`system` verbatim after `<_system>`, `<_end>\\n` between turns but no `\\n` after the
@@ -11,6 +14,16 @@ Three line formats (detected per line):
 (a) and (b) become `[<_start>] + per turn [<_user>] + ids(q) + [<_bot>] + ids(a) + [<_end>]`.
 Labels follow MindFormers: the answer ids and their `<_end>` are their own label, everything
 else (pad, `<_start>`, `<_user>`, question, `<_bot>`, system prompt, tool results) is -100.
+
+Markers: in (a) and (b) the markers ARE the structure (the text is cut at them). In (c) the
+structure is the JSON, so message content is plain text: a user who writes `<_user>` or
+`<_end>` gets the ids of those characters, never a control id (`Tokenizer.encode_text`).
+
+One difference from MindFormers' `telechat_preprocess.py`, on purpose: given (a) with an
+`<_end>` after a history answer (`<_user>q1<_bot>a1<_end><_user>q2` + output `a2`), MF writes
+`a1<_end><_end>`, and its pairing of questions with answers (split at `<_end>`) then gives q2 the
+empty answer and drops `a2`, the line's actual target. tc2 strips that `<_end>` and keeps `a2`
+(the same ids as without the `<_end>`).
 
 Packing is MindFormers' `telechat_preprocess.py`: shuffle with `random.Random(seed)` (the same
 permutation as its `random.seed(seed); shuffle(lines)`), then fill rows greedily in that order
@@ -26,13 +39,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from tc2.config import IGNORE_INDEX
-from tc2.data.chat import template_segments, template_system_text
+from tc2.data.chat import answer_runs, template_pieces, template_system_text
 
 __all__ = ["IGNORE_INDEX", "ChatTokens", "DataError", "Example", "PackConfig", "PackReport",
            "PackedRows", "example_from_json", "read_examples", "pack_examples",
@@ -66,10 +80,12 @@ class ChatTokens:
 
 @dataclass(frozen=True)
 class Example:
-    """One conversation: ids and aligned labels (label[i] is ids[i] or -100), and its origin."""
+    """One conversation: ids and aligned labels (label[i] is ids[i] or -100), and its origin.
+    too_long: read with a `max_tokens` it cannot fit in, so never tokenized (ids left empty)."""
     input_ids: Tuple[int, ...]
     labels: Tuple[int, ...]
     source: str = ""
+    too_long: bool = False
 
 
 # --- line formats -> turns / ids ------------------------------------------------------------------
@@ -83,11 +99,29 @@ def _check_turns(turns: List[Tuple[str, str]], tokens: ChatTokens) -> List[Tuple
             bad = [m for m in _markers(tokens) if m in text]
             if bad:
                 raise DataError(f"turn count mismatch: the {what} of turn {k + 1} contains {bad[0]}")
+            if tokens.pad in text:
+                raise DataError(f"the {what} of turn {k + 1} contains {tokens.pad}: pads may only lead or "
+                                "trail a line (they are dropped; packing pads the rows)")
     return turns
 
 
+def strip_pads(text: str, pad: str) -> str:
+    """`text` without the runs of `pad` at its start and end (the seed README's example line
+    ends in `<_pad>`s; MindFormers' preprocess ignores them too)."""
+    if not pad:
+        return text
+    lo, hi = 0, len(text)
+    while text.startswith(pad, lo, hi):
+        lo += len(pad)
+    while hi - len(pad) >= lo and text.endswith(pad, lo, hi):
+        hi -= len(pad)
+    return text[lo:hi]
+
+
 def inline_turns(text: str, tokens: ChatTokens) -> List[Tuple[str, str]]:
-    """Format (b): '<_user>q<_bot>a<_end>' repeated -> [(q, a), ...]."""
+    """Format (b): '<_user>q<_bot>a<_end>' repeated -> [(q, a), ...]; leading and trailing
+    `<_pad>`s are dropped."""
+    text = strip_pads(text, tokens.pad)
     if tokens.start and text.startswith(tokens.start):
         text = text[len(tokens.start):]
     n_u, n_b, n_e = (text.count(tokens.user), text.count(tokens.bot), text.count(tokens.end))
@@ -136,7 +170,17 @@ def mf_turns(inp: str, out: str, tokens: ChatTokens) -> List[Tuple[str, str]]:
     return _check_turns(turns, tokens)
 
 
-def _turns_example(turns, tokenizer, ids) -> Tuple[List[int], List[int]]:
+def _cannot_fit(n_chars: int, n_markers: int, tokenizer, max_tokens: Optional[int]) -> bool:
+    """Whether text of n_chars characters plus n_markers control ids is surely more than
+    max_tokens ids (`Tokenizer.min_tokens`: no id covers more than the longest piece)."""
+    return max_tokens is not None and tokenizer.min_tokens(n_chars) + n_markers > max_tokens
+
+
+def _turns_example(turns, tokenizer, ids, max_tokens=None) -> Optional[Tuple[List[int], List[int]]]:
+    """ids and labels of (a)/(b) turns; None when they surely exceed max_tokens (not tokenized)."""
+    n_chars = sum(len(q) + len(a) for q, a in turns)
+    if _cannot_fit(n_chars, 3 * len(turns) + (ids["start"] is not None), tokenizer, max_tokens):
+        return None
     x: List[int] = [] if ids["start"] is None else [ids["start"]]
     y: List[int] = [IGNORE_INDEX] * len(x)
     for q, a in turns:
@@ -146,7 +190,7 @@ def _turns_example(turns, tokenizer, ids) -> Tuple[List[int], List[int]]:
     return x, y
 
 
-def _dialog_example(obj: Mapping[str, Any], tokenizer, ids) -> Tuple[List[int], List[int]]:
+def _dialog_example(obj: Mapping[str, Any], tokenizer, ids, max_tokens=None) -> Optional[Tuple[List[int], List[int]]]:
     key = "dialog" if "dialog" in obj else "conversation"
     dialog = obj[key]
     if not isinstance(dialog, list) or not dialog:
@@ -169,26 +213,32 @@ def _dialog_example(obj: Mapping[str, Any], tokenizer, ids) -> Tuple[List[int], 
             raise DataError(f"turn count mismatch: bot message {i} does not follow a user/tool message")
     try:
         sys_text = system if system is not None else template_system_text(dialog, tools)
-        segs = template_segments(sys_text, dialog, add_generation_prompt=False, final_newline=False)
+        pieces = template_pieces(sys_text, dialog, add_generation_prompt=False, final_newline=False)
     except ValueError as e:
         raise DataError(str(e)) from None
+    if _cannot_fit(sum(len(t) for t, _, _ in pieces), ids["start"] is not None, tokenizer, max_tokens):
+        return None
     x: List[int] = [] if ids["start"] is None else [ids["start"]]
     y: List[int] = [IGNORE_INDEX] * len(x)
-    for text, is_answer in segs:
-        t = tokenizer.encode(text)
+    for run, is_answer in answer_runs(pieces):      # content is plain text (module docstring)
+        t = tokenizer.encode_pieces(run)
         x += t
         y += t if is_answer else [IGNORE_INDEX] * len(t)
     return x, y
 
 
 def example_from_json(obj: Any, tokenizer, tokens: ChatTokens = ChatTokens(),
-                      source: str = "") -> Example:
-    """One parsed jsonl line -> Example; DataError (without the location) on bad content."""
+                      source: str = "", max_tokens: Optional[int] = None) -> Example:
+    """One parsed jsonl line -> Example; DataError (without the location) on bad content.
+
+    max_tokens: a conversation whose text is surely longer (more characters than max_tokens
+    times the longest piece) comes back `too_long`, without being tokenized: a 50 MB line
+    costs its JSON parse, not gigabytes of SentencePiece lattice."""
     ids = tokens.ids(tokenizer)
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}")
     if "dialog" in obj or "conversation" in obj:
-        x, y = _dialog_example(obj, tokenizer, ids)
+        xy = _dialog_example(obj, tokenizer, ids, max_tokens)
     elif "input" in obj:
         inp, out = obj["input"], obj.get("output")
         if not isinstance(inp, str):
@@ -199,17 +249,22 @@ def example_from_json(obj: Any, tokenizer, tokens: ChatTokens = ChatTokens(),
             turns = mf_turns(inp, out, tokens)
         else:
             raise DataError(f"'output' must be a string, got {type(out).__name__}")
-        x, y = _turns_example(turns, tokenizer, ids)
+        xy = _turns_example(turns, tokenizer, ids, max_tokens)
     else:
         raise DataError(f"missing key: expected 'input' (+ 'output') or 'dialog', got {sorted(obj)}")
-    return Example(tuple(x), tuple(y), source)
+    if xy is None:
+        return Example((), (), source, too_long=True)
+    return Example(tuple(xy[0]), tuple(xy[1]), source)
 
 
 def read_examples(path: str, tokenizer, tokens: ChatTokens = ChatTokens(), *,
-                  on_error: str = "raise",
+                  on_error: str = "raise", max_tokens: Optional[int] = None,
                   progress: Optional[Callable[[int, int], None]] = None
                   ) -> Tuple[List[Example], List[str]]:
     """Read a jsonl file -> (examples, skipped). Blank lines are ignored.
+
+    max_tokens: conversations that surely exceed it are returned `too_long`, untokenized
+    (`example_from_json`); packing drops them like any conversation longer than a row.
 
     on_error="raise": the first bad line raises DataError("file:line: reason").
     on_error="skip": bad lines are left out and listed in `skipped` as "file:line: reason".
@@ -237,7 +292,7 @@ def read_examples(path: str, tokenizer, tokens: ChatTokens = ChatTokens(), *,
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"malformed JSON: {e.msg} (column {e.colno})") from None
-                examples.append(example_from_json(obj, tokenizer, tokens, source=where))
+                examples.append(example_from_json(obj, tokenizer, tokens, source=where, max_tokens=max_tokens))
             except (DataError, UnicodeDecodeError) as e:
                 msg = f"{where}: {e}" if isinstance(e, DataError) else f"{where}: not UTF-8 ({e.reason})"
                 if on_error == "raise":
@@ -310,7 +365,7 @@ def pack_examples(examples: Sequence[Example], cfg: PackConfig, pad_id: int,
     dropped: List[str] = []
     for k in order:
         ex = examples[k]
-        n = len(ex.input_ids)
+        n = cap + 1 if ex.too_long else len(ex.input_ids)
         if used + n <= cap:
             cur.append(ex)
             used += n
@@ -361,6 +416,14 @@ def segments_from_rows(input_ids: np.ndarray, start_id: int, pad_id: int
     return seg, pos
 
 
+def _check_writable(directory: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as e:
+        raise OSError(f"output_path: cannot write in {directory} ({e.strerror or e})") from None
+
+
 def preprocess(input_path: str, tokenizer, output_path: str, *,
                tokens: ChatTokens = ChatTokens(), pack: PackConfig = PackConfig(),
                on_error: str = "raise", write_segments: bool = False,
@@ -373,8 +436,9 @@ def preprocess(input_path: str, tokenizer, output_path: str, *,
     """
     from tc2.data.records import mindrecord_path, write_mindrecord  # mindspore import only when writing
     pad_id = tokens.ids(tokenizer)["pad"]
+    _check_writable(os.path.dirname(os.path.abspath(mindrecord_path(output_path))))   # before the long read
     examples, skipped = read_examples(input_path, tokenizer, tokens, on_error=on_error,
-                                      progress=progress)
+                                      max_tokens=pack.max_length, progress=progress)
     packed = pack_examples(examples, pack, pad_id, skipped)
     if packed.report.rows == 0:
         raise DataError(f"{input_path}: nothing to write: all {len(examples)} conversations are "

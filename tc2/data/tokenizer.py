@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import Dict, Iterable, List, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import sentencepiece as spm
 
@@ -84,6 +84,15 @@ class Tokenizer:
         # Ids decoded as their own text (or skipped): our special strings + all control pieces.
         self._special_id_set = frozenset(
             [i for i in range(self.vocab_size) if sp.is_control(i)] + list(self.special_ids.values()))
+        self.max_chars_per_token = _max_chars_per_token(sp, self.special_ids)
+
+    def min_tokens(self, n_chars: int) -> int:
+        """A lower bound on the ids `encode` gives for any text of `n_chars` characters (0 when
+        the model's normalizer may shorten text, see `_max_chars_per_token`): lets a reader drop
+        a conversation that cannot fit without tokenizing megabytes of it."""
+        if self.max_chars_per_token is None:
+            return 0
+        return -(-n_chars // self.max_chars_per_token)
 
     # --- pickling (multiprocessing data loaders) ---------------------------------------------
     def __getstate__(self):
@@ -159,6 +168,36 @@ class Tokenizer:
                 ids.extend(self._sp.encode(seg))
         return ids
 
+    def encode_text(self, text: str) -> List[int]:
+        """Ids of `text` as plain text: a special-token string in it (`<_user>`, `<_end>`, ...)
+        is encoded as its characters, never as a control id (all TeleChat specials are CONTROL
+        pieces, which SentencePiece never produces from text). Equals `encode(text)` for text
+        without special-token strings."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode_text expects str, got {type(text).__name__}")
+        return self._sp.encode(text) if text else []
+
+    def encode_pieces(self, pieces: Iterable[Tuple[str, bool]]) -> List[int]:
+        """Ids of the concatenated `(text, plain)` pieces: the special-token strings of pieces
+        with plain=False become their ids, plain pieces are text (`encode_text`). The text
+        between two special ids is one SentencePiece segment, as in `encode`, so the result
+        equals `encode("".join(texts))` whenever no plain piece holds a special-token string."""
+        ids: List[int] = []
+        run: List[str] = []
+        for text, plain in pieces:
+            for seg in ([text] if plain else self.split_special(text)):
+                sid = None if plain else self.special_ids.get(seg)
+                if sid is None:
+                    run.append(seg)
+                    continue
+                if run:
+                    ids.extend(self.encode_text("".join(run)))
+                    run = []
+                ids.append(sid)
+        if run:
+            ids.extend(self.encode_text("".join(run)))
+        return ids
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Inverse of `encode`: runs of ordinary ids go through SentencePiece, each special id
         (our special strings and any control piece) is written as its text, or dropped when
@@ -183,6 +222,21 @@ class Tokenizer:
         if run:
             out.append(self._sp.decode(run))
         return "".join(out)
+
+
+_PROBE = "a  b\t\u00a0\uff21\u2460\ufb01e\u0301 "   # folded by NFKC / whitespace-removing normalizers
+
+
+def _max_chars_per_token(sp, special_ids: Dict[str, int]) -> Optional[int]:
+    """The most characters of text one id can stand for: the longest piece (a byte-fallback
+    piece covers at most one character, a special id its string), so a text of n characters
+    has at least n / this many ids. Only when the model's normalizer leaves text as it is
+    (identity, no whitespace folding: both releases' models and `train_tokenizer`'s, checked
+    on a probe of characters NFKC and whitespace folding change); None otherwise (no bound)."""
+    if sp.normalize(_PROBE).lstrip("\u2581") != _PROBE.replace(" ", "\u2581"):
+        return None
+    longest = max(len(sp.id_to_piece(i)) for i in range(sp.get_piece_size()))
+    return max([longest] + [len(t) for t in special_ids])
 
 
 def _training_lines(texts_or_file) -> Iterable[str]:

@@ -8,8 +8,11 @@ write nowhere.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -133,34 +136,76 @@ def share_line(line: Optional[str], ctx: ParallelContext = LOCAL) -> Optional[st
     return bytes(ctx.host_sum(buf).astype(np.uint8)).decode("utf-8")
 
 
+class Interrupts:
+    """Ctrl-C in a chat: at the prompt it drops the line being typed, during an answer it stops
+    the answer; the session goes on. MindSpore 2.10 turns SIGINT into SIGTERM once it has run a
+    graph (tc2.train.guard), which would end the session. So while active: at the prompt SIGINT
+    is Python's own again (KeyboardInterrupt) and a SIGTERM there is a real one (the session
+    ends, exit status 143); during an answer a SIGTERM (a forwarded Ctrl-C, or a real one) stops
+    the answer. Inactive outside the main thread."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.prompting, self._old = False, None
+
+    def __enter__(self) -> "Interrupts":
+        if self.enabled:
+            self._old = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._old if self._old is not None else signal.SIG_DFL)
+
+    def _on_term(self, signum, frame) -> None:
+        if self.prompting:
+            raise SystemExit(128 + signum)
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def prompt(self):
+        if self.enabled:
+            signal.signal(signal.SIGINT, signal.default_int_handler)   # MindSpore's handler is not Python's
+        self.prompting = True
+        try:
+            yield
+        finally:
+            self.prompting = False
+
+
 def chat_loop(session: ChatSession, stdin, ctx: ParallelContext = LOCAL) -> int:
     """Read lines until end of input or /quit; commands start with '/'. Returns the exit status."""
-    out, err = session.out, session.err
-    while True:
-        line = None
-        if ctx.is_main:
+    with Interrupts(enabled=ctx.is_main) as keys:
+        while True:
+            line = None
+            if ctx.is_main:
+                try:
+                    with keys.prompt():
+                        line = read_line(stdin, session.out, "user> ")
+                except KeyboardInterrupt:
+                    session.out.write("\n(Ctrl-D quits)\n")
+                    line = ""
+            line = share_line(line, ctx)
+            if line is None or line.strip() in ("/quit", "/exit"):
+                return 0
             try:
-                line = read_line(stdin, out, "user> ")
-            except KeyboardInterrupt:
-                out.write("\n(Ctrl-D quits)\n")
-                line = ""
-        line = share_line(line, ctx)
-        if line is None:
-            return 0
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            return 0
-        if line.startswith("/"):
-            session.command(line)
-            continue
-        out.write("bot> ")
-        try:
-            session.answer(line)
-        except ValueError as e:
-            out.write("\n")
-            err.write(f"error: {e}\n")
+                _dispatch(session, line.strip())
+            except KeyboardInterrupt:                 # between the answer's stream and the prompt
+                session.err.write(" (interrupted)\n")
+
+
+def _dispatch(session: ChatSession, line: str) -> None:
+    if not line:
+        return
+    if line.startswith("/"):
+        session.command(line)
+        return
+    session.out.write("bot> ")
+    try:
+        session.answer(line)
+    except ValueError as e:
+        session.out.write("\n")
+        session.err.write(f"error: {e}\n")
 
 
 def null_streams():

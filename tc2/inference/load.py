@@ -38,6 +38,14 @@ class GenerationOptions:
     seed: int = 0
     stop_ids: Optional[List[int]] = None      # ids that end an answer (default: the tokenizer's <_end>)
 
+    def __post_init__(self):
+        if self.style not in STYLES:
+            raise ValueError(f"--style must be one of {STYLES}, got {self.style!r}")
+        for name, low in (("max_new_tokens", 1), ("max_len", 2), ("seed", 0)):
+            v = getattr(self, name)
+            if (v is not None or name != "max_len") and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise ValueError(f"--{name} must be an int >= {low}, got {v!r}")
+
 
 @dataclass
 class LoadedModel:

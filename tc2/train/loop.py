@@ -36,6 +36,7 @@ from tc2.parallel.mesh import ParallelConfig
 from tc2.step import (LossScaleConfig, TrainState, default_loss_scale, eval_loss_sums, init_loss_scale,
                       init_train_state, split_micro_batches, train_step)
 from tc2.train.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from tc2.train.guard import StopSignals, TrainingInterrupted, out_dir_lock
 from tc2.train.log import MetricsLog, Window, eval_line, progress_line
 
 
@@ -122,15 +123,27 @@ def fit(params, cfg: ModelConfig, batches: Iterable[dict], *,
     used. `eval_batches`: a re-iterable of batches (e.g. a list). `meta`: JSON-able extras
     stored in every checkpoint's state.json (e.g. the recipe's full config). `optim`: an
     OptimConfig (AdamW, schedule, clipping), or any GradientTransformation (no clipping added).
+
+    One run per out_dir: a second `fit` on it while this one runs raises OutDirInUse (naming
+    the holder's pid). In one process, Ctrl-C / SIGTERM stop the run after the current step
+    with a checkpoint of it and raise TrainingInterrupted (a KeyboardInterrupt) saying how to
+    resume (tc2.train.guard).
     """
-    run = _Run(cfg, batches, eval_batches, optim, train, context_for(parallel), meta, log)
-    run.start(params)
-    while run.step < run.end:
-        batch = run.next_batch()
-        if batch is None:
-            break
-        run.train_on(batch)
-    return run.finish()
+    ctx = context_for(parallel)
+    run = _Run(cfg, batches, eval_batches, optim, train, ctx, meta, log)
+    with out_dir_lock(train.out_dir, enabled=ctx.is_main), StopSignals(enabled=ctx.size == 1) as stop:
+        run.start(params)
+        try:
+            while run.step < run.end and stop.received is None:
+                batch = run.next_batch()
+                if batch is None:
+                    break
+                run.train_on(batch)
+        except KeyboardInterrupt:                    # a second signal, or raised by the caller's code
+            run.interrupted(during_step=True)
+        if stop.received is not None:
+            run.interrupted(during_step=False)
+        return run.finish()
 
 
 def _quiet(_msg: str) -> None:
@@ -153,7 +166,7 @@ class _Run:
         self.it, self.has_cursor = iter(batches), hasattr(batches, "state_dict")
         self.end = train.steps if train.stop_after is None else min(train.steps, train.stop_after)
         self.window, self.last, self.tokens_seen = Window(), {}, 0
-        self.ckpt, self.saved_step, self.cursor = None, None, None
+        self.ckpt, self.saved_step, self.cursor = None, None, (None, None)
 
     def start(self, params) -> None:
         """Resume from the newest complete checkpoint, or begin at step 0 (refusing an out_dir
@@ -189,7 +202,9 @@ class _Run:
         self.t_start, self.t_first = time.perf_counter(), None
 
     def next_batch(self) -> Optional[dict]:
-        self.cursor = self.batches.state_dict() if self.has_cursor else None    # before this batch
+        # (state step, data cursor) before this batch: an interruption saves the cursor that
+        # matches the state it saves (`interrupted`)
+        self.cursor = (self.step, self.batches.state_dict() if self.has_cursor else None)
         try:
             batch = next(self.it)
         except StopIteration:
@@ -201,18 +216,14 @@ class _Run:
 
     def train_on(self, batch: dict) -> None:
         t0 = time.perf_counter()
-        try:
-            self.state, m = train_step(self.state, batch, self.cfg, self.optimizer, self.loss_scale,
-                                       clip_norm=self.clip, ctx=self.ctx)
-        except KeyboardInterrupt:                    # `state` is still the last complete step
-            if self.ctx.size == 1:
-                self.say(f"interrupted during step {self.step + 1}: saving step {self.step} (resume=True continues)")
-                if self.saved_step != self.step:
-                    self.save(self.cursor)
-            raise
+        self.state, m = train_step(self.state, batch, self.cfg, self.optimizer, self.loss_scale,
+                                   clip_norm=self.clip, ctx=self.ctx)
         dt = time.perf_counter() - t0
         self.step += 1
-        if m["skipped"] and self.loss_scale is None:
+        if m.get("no_loss_tokens"):
+            self.say(f"step {self.step}: the batch has no loss tokens (every label is -100): "
+                     "skipped without an update")
+        elif m["skipped"] and self.loss_scale is None:
             last = self.ckpt if self.ckpt else f"none (nothing saved in {self.train.out_dir} yet)"
             raise NonFiniteLossError(f"step {self.step}: loss {m['loss']} / grad norm {m['grad_norm']} is "
                                      f"not finite; the run stopped without applying it. Last good "
@@ -257,6 +268,27 @@ class _Run:
                                     keep=self.train.keep, max_shard_size=self.train.max_shard_size)
         self.saved_step = self.step
         self.say(f"checkpoint: {self.ckpt}")
+
+    def interrupted(self, during_step: bool) -> None:
+        """Save the last complete step (`self.state`, whatever moment the interruption came)
+        with the data cursor that matches it, then raise TrainingInterrupted."""
+        if self.ctx.size > 1:                        # saving needs every process: only save_every helps
+            raise KeyboardInterrupt
+        done = int(self.state.step.asnumpy())
+        cursor_step, cursor = self.cursor
+        if done != cursor_step:                      # the batch fetched after the cursor is in the state
+            cursor = None                            # (or none was fetched): the cursor of now
+        pending = during_step and done == cursor_step and done < self.end
+        self.step = done
+        self.say(f"interrupted {'during step ' + str(done + 1) if pending else 'after step ' + str(done)}: "
+                 f"saving step {done}")
+        if self.saved_step != done and done > self.start_step:
+            self.save(cursor)
+        where = self.ckpt or f"nothing saved in {self.train.out_dir} (no step completed)"
+        msg = (f"interrupted after step {done}: checkpoint {where}; resume with --train.resume true "
+               "(TrainConfig(resume=True) from Python)")
+        self.say(msg)
+        raise TrainingInterrupted(msg)
 
     def finish(self) -> FitResult:
         if self.eval_batches is not None and self.step > self.start_step and not self.eval_batches_due():

@@ -24,6 +24,19 @@ from tc2.train.batches import TrainBatches, eval_batches, load_rows, split_rows
 from tc2.train.loop import TrainConfig
 
 Scalar = Union[bool, int, float, str, None]
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_ints(obj, group: str, minimum: int, names, optional: bool = False) -> None:
+    """ValueError naming the flag (`--group.name`) of the first field that is not an int >= minimum
+    (None allowed when optional)."""
+    for name in names:
+        v = getattr(obj, name)
+        if optional and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ValueError(f"--{group}.{name} must be an int >= {minimum}{' or null' if optional else ''}, "
+                             f"got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,11 @@ class ModelSource:
     overrides: Dict[str, Scalar] = field(default_factory=dict)   # ModelConfig fields
     init_seed: int = 0                        # parameter init seed (preset only)
 
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check_ints(self, "model", 0, ("init_seed",))
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -44,9 +62,18 @@ class DataConfig:
     tokenizer: Optional[str] = None           # SentencePiece model (needed for jsonl)
     seq_length: int = 8192                    # tokens per row (rows hold seq_length + 1)
     document_masking: bool = False            # attention stops at packed-conversation borders
+    mask_pad: bool = True                     # no token attends to <_pad> (MindFormers' training mask)
     pack_seed: int = 2024                     # MindFormers' packing shuffle seed
     shuffle_seed: int = 0                     # batch order seed (per epoch)
     skip_bad_lines: bool = False              # jsonl: skip (and list) bad lines instead of failing
+
+    def __post_init__(self):
+        check_ints(self, "data", 1, ("seq_length",))
+        check_ints(self, "data", 0, ("pack_seed", "shuffle_seed"))
+        if isinstance(self.eval_fraction, bool) or not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"--data.eval_fraction must be in [0, 1) (the rest trains), got {self.eval_fraction!r}")
+        if self.eval and self.eval_fraction:
+            raise ValueError("give --data.eval or --data.eval_fraction, not both")
 
 
 @dataclass(frozen=True)
@@ -67,6 +94,14 @@ class RunConfig:
     loss_scale_growth_interval: int = 2000
     max_shard_size: Optional[str] = None
     plot: bool = True
+
+    def __post_init__(self):
+        check_ints(self, "train", 1, ("global_batch", "micro_batch", "log_every", "keep",
+                                      "loss_scale_growth_interval"))
+        check_ints(self, "train", 0, ("eval_every", "save_every"))
+        check_ints(self, "train", 1, ("steps", "epochs", "stop_after"), optional=True)
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --train.steps or --train.epochs, not both")
 
 
 @dataclass
@@ -113,16 +148,16 @@ def prepare_finetune(model: ModelSource, data: DataConfig, run: RunConfig, ctx: 
                          f"vocab_size is {cfg.vocab_size}")
     pad_id = tokenizer.pad_id if tokenizer is not None else cfg.pad_token_id
     kw = dict(tokenizer=tokenizer, document_masking=data.document_masking, pack_seed=data.pack_seed,
-              on_error="skip" if data.skip_bad_lines else "raise", log=log)
+              on_error="skip" if data.skip_bad_lines else "raise", vocab_size=cfg.vocab_size, log=log)
     rows = load_rows(data.train, data.seq_length, **kw)
     eval_rows = load_rows(data.eval, data.seq_length, **kw) if data.eval else None
     if data.eval_fraction:
-        if eval_rows is not None:
-            raise ValueError("give data.eval or data.eval_fraction, not both")
         rows, eval_rows = split_rows(rows, data.eval_fraction, seed=data.shuffle_seed)
     steps, per_epoch = _steps(run, len(rows["input_ids"]), data.train, ctx)
-    batches = TrainBatches(BatchIterator(rows, run.global_batch, seed=data.shuffle_seed, num_epochs=None), pad_id)
-    evals = eval_batches(eval_rows, run.micro_batch * ctx.dp, pad_id) if eval_rows is not None else None
+    batches = TrainBatches(BatchIterator(rows, run.global_batch, seed=data.shuffle_seed, num_epochs=None), pad_id,
+                           mask_pad=data.mask_pad)
+    evals = (eval_batches(eval_rows, run.micro_batch * ctx.dp, pad_id, mask_pad=data.mask_pad)
+             if eval_rows is not None else None)
     log(f"data: {len(rows['input_ids'])} train rows x {data.seq_length} tokens, {per_epoch} steps per epoch "
         f"of {run.global_batch} rows ({run.global_batch // run.micro_batch // ctx.dp} micro-batches of "
         f"{run.micro_batch} per process); {steps} steps (~{steps / max(per_epoch, 1):.2f} epochs)"
@@ -137,18 +172,13 @@ def prepare_finetune(model: ModelSource, data: DataConfig, run: RunConfig, ctx: 
 
 
 def _steps(run: RunConfig, n_rows: int, where: str, ctx: ParallelContext):
-    """(optimizer steps, steps per epoch), checking the batch arithmetic."""
-    if run.micro_batch < 1 or run.global_batch < 1:
-        raise ValueError(f"train.global_batch ({run.global_batch}) and train.micro_batch ({run.micro_batch}) "
-                         "must be >= 1")
+    """(optimizer steps, steps per epoch), checking the batch arithmetic (RunConfig checked the signs)."""
     if run.global_batch % (run.micro_batch * ctx.dp):
-        raise ValueError(f"train.global_batch {run.global_batch} is not a multiple of train.micro_batch "
+        raise ValueError(f"--train.global_batch {run.global_batch} is not a multiple of --train.micro_batch "
                          f"{run.micro_batch} x dp {ctx.dp}")
     if n_rows < run.global_batch:
         raise ValueError(f"{where}: {n_rows} packed rows cannot fill one global batch of "
-                         f"{run.global_batch}; lower train.global_batch")
-    if run.steps is not None and run.epochs is not None:
-        raise ValueError("give train.steps or train.epochs, not both")
+                         f"{run.global_batch}; lower --train.global_batch")
     per_epoch = n_rows // run.global_batch
     return (run.steps if run.steps is not None else per_epoch * (run.epochs or 1)), per_epoch
 
@@ -156,6 +186,18 @@ def _steps(run: RunConfig, n_rows: int, where: str, ctx: ParallelContext):
 def _device() -> str:
     import mindspore as ms
     return ms.get_context("device_target")
+
+
+def check_groups(args, groups) -> None:
+    """Refuse a parsed config whose settings group is not a mapping of its fields (jsonargparse
+    parses `parallel: [1, 2]` and only fails when building the dataclass, with a TypeError
+    about `**`): a ValueError that names the config key."""
+    from jsonargparse import Namespace
+    for name in groups:
+        value = args.get(name)
+        if value is not None and not isinstance(value, Namespace):
+            raise ValueError(f"config key '{name}' must be a mapping of --{name}.* settings, "
+                             f"got a {type(value).__name__}: {str(value)[:80]}")
 
 
 def record_of(args) -> dict:
