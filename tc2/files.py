@@ -19,15 +19,26 @@ import os
 import re
 import socket
 from contextlib import contextmanager
-from typing import Iterable, List, Tuple, Union
+from typing import Iterable, List, Optional, Tuple, Union
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 _PARTIAL = re.compile(r"(?P<final>.+)\.partial-(?:(?P<host>.+)-)?(?P<pid>\d+)")
 
 
+def writer_tag() -> str:
+    """"<host>-<pid>": what temporary names carry, so a later writer can tell a dead one's."""
+    return f"{_HOST}-{os.getpid()}"
+
+
+def left_by_dead_writer(host: Optional[str], pid: int) -> bool:
+    """Whether a temporary tagged (host, pid) belongs to a process of this host that is gone
+    (not this process, not a live one, not another host's on a shared filesystem)."""
+    return host in (None, _HOST) and pid != os.getpid() and not pid_alive(pid)
+
+
 def partial_name(path: str) -> str:
     """The temporary name a file is written under before it is renamed to `path`."""
-    return f"{path}.partial-{_HOST}-{os.getpid()}"
+    return f"{path}.partial-{writer_tag()}"
 
 
 def destination_of(path: str) -> str:
@@ -60,11 +71,10 @@ def remove_stale_partials(directory: str) -> List[str]:
     removed = []
     for name in names:
         m = _PARTIAL.fullmatch(name)
-        if not m or m.group("host") not in (None, _HOST):
+        if not m or not left_by_dead_writer(m.group("host"), int(m.group("pid"))):
             continue
-        pid = int(m.group("pid"))
         path = os.path.join(directory, name)
-        if pid == os.getpid() or pid_alive(pid) or not os.path.isfile(path) or os.path.islink(path):
+        if not os.path.isfile(path) or os.path.islink(path):
             continue
         try:
             os.remove(path)

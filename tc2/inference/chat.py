@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -108,18 +109,48 @@ class ChatSession:
         return text
 
 
-def read_line(stdin, out, prompt: str):
-    """One line of input, or None at end of input (Ctrl-D). A terminal gets line editing."""
-    if stdin is sys.stdin and stdin.isatty():
+class InputLines:
+    """Lines of the chat's input, read so that Ctrl-C always reaches the prompt.
+
+    A signal goes to any thread of the process, and MindSpore runs several: one that lands on
+    another thread does not interrupt a blocking read in the main thread, so Python would run
+    its handler only once the line arrives. Here the main thread waits in short selects on the
+    file descriptor and reads it itself (its own buffer, so lines that arrived together are
+    not hidden from select by Python's). A terminal gets `input()` (line editing); a stream
+    without a descriptor (a test's StringIO) is read as it is.
+    """
+
+    def __init__(self, stream, poll_s: float = 0.1):
+        self.stream, self.poll_s, self.buf = stream, poll_s, b""
         try:
-            return input(prompt)
-        except EOFError:
-            out.write("\n")
-            return None
-    out.write(prompt)
-    out.flush()
-    line = stdin.readline()
-    return None if line == "" else line.rstrip("\n")
+            self.fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.fd = None
+        self.tty = stream is sys.stdin and stream.isatty()
+
+    def read(self, out, prompt: str) -> Optional[str]:
+        """One line (without its newline), or None at end of input (Ctrl-D)."""
+        if self.tty:
+            try:
+                return input(prompt)
+            except EOFError:
+                out.write("\n")
+                return None
+        out.write(prompt)
+        out.flush()
+        if self.fd is None:
+            line = self.stream.readline()
+            return None if line == "" else line.rstrip("\n")
+        while b"\n" not in self.buf:
+            if not select.select([self.fd], [], [], self.poll_s)[0]:
+                continue                                   # Python runs pending signal handlers here
+            chunk = os.read(self.fd, 65536)
+            if not chunk:                                  # end of input
+                line, self.buf = self.buf, b""
+                return line.decode("utf-8", "replace") if line else None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode("utf-8", "replace")
 
 
 def share_line(line: Optional[str], ctx: ParallelContext = LOCAL) -> Optional[str]:
@@ -165,6 +196,10 @@ class Interrupts:
     @contextlib.contextmanager
     def prompt(self):
         if self.enabled:
+            # MindSpore registers its handler before each run, also from its asynchronous queue:
+            # wait for the queue first, or a run still in flight re-registers it after ours.
+            import mindspore as ms
+            ms.runtime.synchronize()
             signal.signal(signal.SIGINT, signal.default_int_handler)   # MindSpore's handler is not Python's
         self.prompting = True
         try:
@@ -175,13 +210,14 @@ class Interrupts:
 
 def chat_loop(session: ChatSession, stdin, ctx: ParallelContext = LOCAL) -> int:
     """Read lines until end of input or /quit; commands start with '/'. Returns the exit status."""
+    lines = InputLines(stdin)
     with Interrupts(enabled=ctx.is_main) as keys:
         while True:
             line = None
             if ctx.is_main:
                 try:
                     with keys.prompt():
-                        line = read_line(stdin, session.out, "user> ")
+                        line = lines.read(session.out, "user> ")
                 except KeyboardInterrupt:
                     session.out.write("\n(Ctrl-D quits)\n")
                     line = ""

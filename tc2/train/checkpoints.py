@@ -36,7 +36,7 @@ from tc2.checkpoint.reader import Reader, read_slices
 from tc2.checkpoint.safetensors import SafetensorsFile, SafetensorsWriter, np_dtype, read_header
 from tc2.config import ModelConfig
 from tc2.context import LOCAL, ParallelContext
-from tc2.files import atomic_file, fsync_path, write_json_atomic
+from tc2.files import atomic_file, fsync_path, left_by_dead_writer, write_json_atomic, writer_tag
 from tc2.model import param_specs
 from tc2.optim import GradientTransformation
 from tc2.parallel.sharding import leaf_slice, local_slices, shadowed_param
@@ -49,7 +49,7 @@ STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 LEGACY_PREFIX = "1."        # tc2 <= 0.1 saved chain(clip_by_global_norm, adamw): AdamW's state was leaf 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_TMP_DIR = re.compile(r"^\.(?:tmp|old)-step_\d+-(\d+)$")
+_TMP_DIR = re.compile(r"^\.(?:tmp|old)-step_\d+-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -170,7 +170,7 @@ def _commit(directory: str, step: int, cfg: ModelConfig, tensors: _Tensors, loss
     os.makedirs(directory, exist_ok=True)
     _remove_stale_temps(directory)
     final = checkpoint_path(directory, step)
-    tmp = os.path.join(directory, f".tmp-step_{step:08d}-{os.getpid()}")
+    tmp = os.path.join(directory, f".tmp-step_{step:08d}-{writer_tag()}")
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     try:
@@ -197,7 +197,7 @@ def _commit(directory: str, step: int, cfg: ModelConfig, tensors: _Tensors, loss
         fsync_path(tmp)
         trash = None
         if os.path.exists(final):
-            trash = os.path.join(directory, f".old-step_{step:08d}-{os.getpid()}")
+            trash = os.path.join(directory, f".old-step_{step:08d}-{writer_tag()}")
             os.replace(final, trash)
         os.replace(tmp, final)
         fsync_path(directory)
@@ -219,21 +219,11 @@ def _numpy(t) -> np.ndarray:
 
 
 def _remove_stale_temps(directory: str) -> None:
-    """Temp (and replaced-checkpoint) dirs left by a crashed writer whose pid is gone."""
+    """Temp (and replaced-checkpoint) dirs left by a crashed writer of this host whose pid is gone."""
     for name in os.listdir(directory):
         m = _TMP_DIR.match(name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and left_by_dead_writer(m.group("host"), int(m.group("pid"))):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- inspect
