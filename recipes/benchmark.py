@@ -7,7 +7,8 @@ import importlib
 import os
 import sys
 
-SUBCOMMANDS = {"forward": "bench_forward", "train": "bench_train", "decode": "bench_decode", "parallel": "bench_parallel"}
+SUBCOMMANDS = {"forward": "bench_forward", "train": "bench_train", "decode": "bench_decode", "parallel": "bench_parallel",
+               "compile": "bench_compile", "memory": "bench_memory"}
 
 
 def main(argv=None):

@@ -9,7 +9,12 @@ the parallel path with nothing to exchange: one model, one step, one loop at eve
   `reduce_tp` (g: sum forward, identity backward) leaves a row-parallel one;
 * context parallel (cp): a rank holds a share of each sequence with its GLOBAL positions;
   attention becomes the ring loop over `rotate`;
-* data parallel (dp): a rank holds some rows; gradients and loss sums meet in `sum_dpcp`.
+* data parallel (dp): a rank holds some rows; gradients and loss sums meet in `sum_dpcp`;
+  with ZeRO-1 (`zero_size` > 1) each rank of the dp x cp group also keeps only its slice of the
+  optimizer state and updates only that slice of each parameter;
+* pipeline parallel (pp): a rank holds a contiguous range of layers (the embedding on the first
+  stage, the final norm and lm_head on the last); activations and their gradients pass between
+  neighbouring stages through `pp_pass`, loss and norm sums meet in `sum_pp`.
 
 Built under msrun by `tc2.parallel.collectives.spmd_context(mesh)` (process groups, the custom-bprop
 collectives); `tc2.parallel.collectives.local_context(cp)` simulates a ring in one process with the cp
@@ -41,10 +46,14 @@ class ParallelContext:
     dp: int = 1
     cp: int = 1
     tp: int = 1
+    pp: int = 1
     rank: int = 0                       # global rank (rank 0 logs and writes shared files)
     dp_rank: int = 0
     cp_rank: int = 0
     tp_rank: int = 0
+    pp_rank: int = 0
+    zero_size: int = 1                  # ZeRO-1: ranks the optimizer state is split over (dp x cp)
+    zero_rank: int = 0                  # this rank's index in that group
     layout: str = "zigzag"              # how sequences are dealt to cp ranks (tc2.nn.ring)
     folded: bool = False                # cp ranks simulated in one process, stacked in the batch
     copy_tp: Callable = _identity       # f: identity forward, sum over tp backward
@@ -54,13 +63,23 @@ class ParallelContext:
     max_tp: Callable = _identity        # elementwise max over tp (no gradient)
     sum_dpcp: Callable = _identity      # plain sum over dp x cp (gradients, loss sums)
     rotate: Optional[Callable] = None   # ring rotation over cp: block -> previous rank's block
+    sum_pp: Callable = _identity        # plain sum over the pipeline stages (loss, norm)
+    pp_pass: Optional[Callable] = None  # host: (lower stage of a neighbour pair, tensor) -> the pair's sum
     barrier: Callable = _nothing        # host: wait for every process
     host_sum: Callable = _identity      # host: a float numpy array summed over every process
 
     @property
     def size(self) -> int:
         """Processes in the job (a folded simulation is one process)."""
-        return 1 if self.folded else self.dp * self.cp * self.tp
+        return 1 if self.folded else self.dp * self.cp * self.tp * self.pp
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
 
     @property
     def is_main(self) -> bool:

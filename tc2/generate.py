@@ -27,17 +27,21 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from tc2.cache import PAD_POS, init_cache
+from tc2.cache import PAD_POS, cache_slots, init_cache, write_slots
 from tc2.compiled import forget_after_failure
 from tc2.config import ModelConfig
 from tc2.context import LOCAL, ParallelContext
-from tc2.model import forward, gather_logits
+from tc2.layer import decoder_layer
+from tc2.model import embed, forward, gather_logits
+from tc2.model import head as head_logits
+from tc2.nn import rope_cos_sin
 from tc2.sampling import NEG, SamplingConfig, mark_present, next_token
 
 __all__ = ["generate", "generate_ids", "generate_batched", "stream_text", "PromptBatch",
            "pack_prompts", "compiled_steps", "prompt_bucket"]
 
 _STEP_QUANTUM = 64          # the new-token part of the cache is rounded up to this
+LAYERED_FROM = 1            # layers from which generation runs layer by layer (see default_layered)
 
 
 def prompt_bucket(n: int) -> int:
@@ -125,7 +129,7 @@ def pack_prompts(prompts, cfg: ModelConfig, *, max_new_tokens: int,
 
 @forget_after_failure
 def compiled_steps(cfg: ModelConfig, sampling: Optional[SamplingConfig], vocab_limit: Optional[int] = None,
-                   ctx: ParallelContext = LOCAL):
+                   ctx: ParallelContext = LOCAL, layered: bool = False):
     """(prefill, decode): the same step under two `ms.jit` objects, compiled once per shapes.
 
     step(params, tokens [B, T] int32, positions [B, T] int32, cache, presence, uniform [B])
@@ -134,6 +138,8 @@ def compiled_steps(cfg: ModelConfig, sampling: Optional[SamplingConfig], vocab_l
     Pass params and cache wrapped in `ms.mutable`. presence [B, V] bool marks tokens already
     in each row (used only with a repetition penalty; otherwise pass any [B, 1] bool).
     vocab_limit: only ids below it are ever chosen (the returned logits stay raw).
+    layered: the step as a host loop over one compiled decoder layer (compile time does not grow
+    with depth, a few host calls per layer and token) instead of one graph of the whole model.
     """
     penalize = sampling is not None and sampling.uses_penalty
     limit = None if vocab_limit is None or vocab_limit >= cfg.vocab_size else int(vocab_limit)
@@ -157,7 +163,44 @@ def compiled_steps(cfg: ModelConfig, sampling: Optional[SamplingConfig], vocab_l
     def decode(params, tokens, positions, cache, presence, uniform):
         return step(params, tokens, positions, cache, presence, uniform)
 
-    return ms.jit(prefill), ms.jit(decode)
+    if not layered:
+        return ms.jit(prefill), ms.jit(decode)
+    return (_layered_step(cfg, sampling, limit, ctx, penalize), _layered_step(cfg, sampling, limit, ctx, penalize))
+
+
+def _layered_step(cfg: ModelConfig, sampling, limit, ctx: ParallelContext, penalize: bool):
+    """The step as a host loop over one compiled decoder layer (compile time independent of depth)."""
+    @ms.jit
+    def begin(table, tokens, positions, pos_buf, length):
+        seq_len = ops.where(positions < PAD_POS, positions, -1).max(axis=1) + 1                # [B]
+        cos, sin = rope_cos_sin(positions, seq_len, head_dim=cfg.head_dim, base_seqlen=cfg.base_seqlen,
+                                training_seqlen=cfg.training_seqlen, theta=cfg.rope_theta)
+        idx, hit = cache_slots(length, tokens.shape[1], pos_buf.shape[1])
+        return embed(table, tokens, ctx), cos, sin, idx, hit, write_slots(pos_buf, positions, idx, hit)
+
+    @ms.jit
+    def layer(p, x, cos, sin, positions, k_buf, v_buf, idx, hit, kv_pos):
+        x, (k, v), _ = decoder_layer(p, x, cos, sin, positions, cfg, ctx, (k_buf, v_buf, idx, hit, kv_pos))
+        return x, k, v
+
+    @ms.jit
+    def finish(top, x, presence, uniform):
+        last = gather_logits(head_logits(top, x[:, -1:], cfg, ctx)[:, -1], ctx).astype(ms.float32)   # [B, V]
+        allowed = last if limit is None else ops.where(ops.arange(cfg.vocab_size) < limit, last, NEG)
+        tok = next_token(allowed, presence, uniform, sampling)                                      # [B]
+        return tok, last, (mark_present(presence, tok) if penalize else presence)
+
+    def step(params, tokens, positions, cache, presence, uniform):
+        x, cos, sin, idx, hit, kv_pos = begin(params["word_embeddings"], tokens, positions, cache["pos"],
+                                              cache["length"])
+        ks, vs = (), ()
+        for i, p in enumerate(params["layers"]):
+            x, k, v = layer(ms.mutable(p), x, cos, sin, positions, cache["k"][i], cache["v"][i], idx, hit, kv_pos)
+            ks, vs = ks + (k,), vs + (v,)
+        top = ms.mutable({"ln_f": params["ln_f"], "lm_head": params["lm_head"]})
+        tok, last, presence = finish(top, x, presence, uniform)
+        return tok, last, (ks, vs, kv_pos, cache["length"] + tokens.shape[1]), presence
+    return step
 
 
 def _as_cache(parts) -> dict:
@@ -178,7 +221,8 @@ def _initial_presence(batch: PromptBatch, cfg: ModelConfig, sampling) -> ms.Tens
 def generate(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
              sampling: Optional[SamplingConfig] = None, stop_ids: Sequence[int] = (2,),
              seed: int = 0, max_len: Optional[int] = None, include_stop: bool = False,
-             vocab_limit: Optional[int] = None, ctx: ParallelContext = LOCAL) -> Iterator[Tuple[Optional[int], ...]]:
+             vocab_limit: Optional[int] = None, ctx: ParallelContext = LOCAL,
+             layered: Optional[bool] = None) -> Iterator[Tuple[Optional[int], ...]]:
     """Stream new tokens for a batch of prompts (lists of token ids of any lengths).
 
     Yields once per step a tuple with one entry per prompt: the row's new token id, or None
@@ -193,9 +237,10 @@ def generate(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
     prompt that does not fit in max_len (default cfg.seq_length) raises ValueError.
     ctx: under tensor parallelism, params are this process's shards (every process of the tp
     group calls this with the same arguments and gets the same tokens).
+    layered: run the step layer by layer (see `compiled_steps`); None: `default_layered(cfg)`.
     """
-    if ctx.cp > 1:
-        raise ValueError("generation runs without context parallelism (cp must be 1)")
+    if ctx.cp > 1 or ctx.pp > 1:
+        raise ValueError("generation runs without context or pipeline parallelism (cp and pp must be 1)")
     if sampling is not None and not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a SamplingConfig or None, got {type(sampling).__name__}")
     stop = frozenset(int(s) for s in (stop_ids or ()))
@@ -205,14 +250,21 @@ def generate(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
     if max_new_tokens == 0:
         return iter(())
     limit = None if vocab_limit is None or int(vocab_limit) >= cfg.vocab_size else int(vocab_limit)
-    return _stream(params, cfg, batch, sampling, stop, int(seed), bool(include_stop), limit, ctx)
+    layered = default_layered(cfg) if layered is None else bool(layered)
+    return _stream(params, cfg, batch, sampling, stop, int(seed), bool(include_stop), limit, ctx, layered)
 
 
-def _stream(params, cfg, batch: PromptBatch, sampling, stop, seed, include_stop, vocab_limit, ctx):
-    prefill, decode = compiled_steps(cfg, sampling, vocab_limit, ctx)
+def default_layered(cfg: ModelConfig) -> bool:
+    """Whether generation runs layer by layer by default: from LAYERED_FROM layers on, where the
+    unrolled graph's compile time (growing faster than depth) outweighs the per-layer host calls."""
+    return cfg.n_layer >= LAYERED_FROM
+
+
+def _stream(params, cfg, batch: PromptBatch, sampling, stop, seed, include_stop, vocab_limit, ctx, layered):
+    prefill, decode = compiled_steps(cfg, sampling, vocab_limit, ctx, layered)
     B = batch.batch
     rng = np.random.default_rng(seed)
-    weights = ms.mutable(params)
+    weights = params if layered else ms.mutable(params)
     cache = init_cache(cfg, B, batch.cache_len, ctx=ctx)
     presence = _initial_presence(batch, cfg, sampling)
     tok, _, parts, presence = prefill(weights, ms.Tensor(batch.tokens), ms.Tensor(batch.positions),
@@ -246,13 +298,14 @@ def _stream(params, cfg, batch: PromptBatch, sampling, stop, seed, include_stop,
 def generate_ids(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
                  sampling: Optional[SamplingConfig] = None, stop_ids: Sequence[int] = (2,),
                  seed: int = 0, max_len: Optional[int] = None, include_stop: bool = False,
-                 vocab_limit: Optional[int] = None, ctx: ParallelContext = LOCAL) -> List[List[int]]:
+                 vocab_limit: Optional[int] = None, ctx: ParallelContext = LOCAL,
+                 layered: Optional[bool] = None) -> List[List[int]]:
     """The new tokens of each prompt as lists (stop ids excluded unless include_stop);
     the arguments are those of `generate`."""
     rows: List[List[int]] = [[] for _ in range(len(prompts))]
     for step in generate(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                          stop_ids=stop_ids, seed=seed, max_len=max_len, include_stop=include_stop,
-                         vocab_limit=vocab_limit, ctx=ctx):
+                         vocab_limit=vocab_limit, ctx=ctx, layered=layered):
         for r, t in enumerate(step):
             if t is not None:
                 rows[r].append(t)

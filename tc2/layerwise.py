@@ -24,7 +24,7 @@ from tc2.compiled import forget_after_failure
 from tc2.config import ModelConfig
 from tc2.context import ParallelContext
 from tc2.layer import decoder_layer, layer_backward_full, layer_backward_selective
-from tc2.model import embed, head_loss_sum
+from tc2.model import cross_entropy_sum, embed, head as head_logits, head_loss_sum
 from tc2.nn import rope_cos_sin
 from tc2.tree import tree_map
 
@@ -36,6 +36,9 @@ class _Graphs(NamedTuple):
     head: object
     layer_bwd: object
     embed_bwd: object
+    layer_only: object             # forward without saves (evaluation)
+    loss_sums: object              # the head's (loss sum, loss tokens), summed over dp x cp
+    sum_stages: object             # a small tensor summed over the pipeline stages
 
 
 def _add(acc, grads):
@@ -97,26 +100,50 @@ def compiled_graphs(cfg: ModelConfig, ctx: ParallelContext, recompute: str) -> _
     def embed_bwd(table, acc, tokens, dx):
         return acc + embed_grad(table, tokens, dx)
 
+    @ms.jit
+    def loss_sums(top, x, labels):
+        s, n = cross_entropy_sum(head_logits(top, x, cfg, ctx), labels, ctx)
+        if ctx.dp * ctx.cp > 1 and not ctx.folded:
+            s, n = ctx.sum_dpcp(s.reshape(1))[0], ctx.sum_dpcp(n.reshape(1))[0]
+        return s, n
+
+    @ms.jit
+    def sum_stages(x):
+        return ctx.sum_pp(x)
+
     if selective:
-        return _Graphs(rope, embed_fwd, layer_fwd, head, layer_bwd, embed_bwd)
-    return _Graphs(rope, embed_fwd, layer_fwd_only, head, layer_bwd_recompute, embed_bwd)
+        return _Graphs(rope, embed_fwd, layer_fwd, head, layer_bwd, embed_bwd, layer_fwd_only, loss_sums, sum_stages)
+    return _Graphs(rope, embed_fwd, layer_fwd_only, head, layer_bwd_recompute, embed_bwd, layer_fwd_only, loss_sums,
+                   sum_stages)
 
 
 def zeros_like_f32(params):
     return tree_map(lambda p: ops.zeros(p.shape, ms.float32), params)
 
 
-def layerwise_grads(params, acc, part, weight, cfg: ModelConfig, ctx: ParallelContext, recompute: str):
-    """acc + d(weight * loss_sum)/d params for one micro-batch, and its loss_sum (this process's).
+class _Stash(NamedTuple):
+    """One micro-batch between its forward and its backward on this stage."""
+    part: tuple
+    cos: ms.Tensor
+    sin: ms.Tensor
+    inputs: list                   # each layer's input
+    saves: list                    # each layer's saved matmul outputs (selective)
+    dx: object                     # the loss gradient w.r.t. the stage's output (last stage)
 
-    part: (tokens, labels, positions, segment_ids, seq_len) Tensors, this process's share.
-    acc: float32 gradient tree (the accumulation over micro-batches so far).
-    """
-    g = compiled_graphs(cfg, ctx, recompute)
+
+def _act_shape(part, cfg: ModelConfig):
+    tokens = part[0]
+    return tokens.shape + (cfg.hidden_size,)                                   # [B, T, H]
+
+
+def _forward(g, params, acc_top, part, weight, cfg, ctx, selective):
+    """This stage's forward of one micro-batch -> (stash, loss_sum, acc_top); sends the output on."""
     tokens, labels, positions, segment_ids, seq_len = part
     cos, sin = g.rope(positions, seq_len)
-    x = g.embed_fwd(params["word_embeddings"], tokens)
-    selective = recompute == "selective"
+    if ctx.first_stage:
+        x = g.embed_fwd(params["word_embeddings"], tokens)
+    else:                                                           # from the previous stage
+        x = ctx.pp_pass(ctx.pp_rank - 1, ops.zeros(_act_shape(part, cfg), ms.float32))
     inputs, saves = [], []
     for p in params["layers"]:
         inputs.append(x)
@@ -125,16 +152,83 @@ def layerwise_grads(params, acc, part, weight, cfg: ModelConfig, ctx: ParallelCo
             saves.append(ms.mutable(saved))
         else:
             x = g.layer_fwd(ms.mutable(p), x, cos, sin, positions, segment_ids)
-    top = {"ln_f": params["ln_f"], "lm_head": params["lm_head"]}
-    acc_top = {"ln_f": acc["ln_f"], "lm_head": acc["lm_head"]}
-    loss_sum, acc_top, dx = g.head(ms.mutable(top), ms.mutable(acc_top), x, labels, weight)
-    layers = list(acc["layers"])
+    loss_sum, dx = ms.Tensor(0.0, ms.float32), None
+    if ctx.last_stage:
+        top = {"ln_f": params["ln_f"], "lm_head": params["lm_head"]}
+        loss_sum, acc_top, dx = g.head(ms.mutable(top), ms.mutable(acc_top), x, labels, weight)
+    else:                                                           # to the next stage
+        ctx.pp_pass(ctx.pp_rank, x)
+    return _Stash(part, cos, sin, inputs, saves, dx), loss_sum, acc_top
+
+
+def _backward(g, params, acc_layers, acc_emb, st: _Stash, cfg, ctx, selective):
+    """This stage's backward of one micro-batch (its output gradient from the next stage)."""
+    tokens, _, positions, segment_ids, _ = st.part
+    dx = st.dx
+    if not ctx.last_stage:
+        dx = ctx.pp_pass(ctx.pp_rank, ops.zeros(_act_shape(st.part, cfg), ms.float32))
     for i in reversed(range(len(params["layers"]))):
-        extra = (saves[i],) if selective else ()
-        dx, layers[i] = g.layer_bwd(ms.mutable(params["layers"][i]), ms.mutable(layers[i]), inputs[i], *extra,
-                                    cos, sin, positions, segment_ids, dx)
-        inputs[i] = None                                    # free this layer's activations now
+        extra = (st.saves[i],) if selective else ()
+        dx, acc_layers[i] = g.layer_bwd(ms.mutable(params["layers"][i]), ms.mutable(acc_layers[i]), st.inputs[i],
+                                        *extra, st.cos, st.sin, positions, segment_ids, dx)
+        st.inputs[i] = None                                 # free this layer's activations now
         if selective:
-            saves[i] = None
-    emb = g.embed_bwd(params["word_embeddings"], acc["word_embeddings"], tokens, dx)
-    return {"word_embeddings": emb, "layers": tuple(layers), **acc_top}, loss_sum
+            st.saves[i] = None
+    if ctx.first_stage:
+        return g.embed_bwd(params["word_embeddings"], acc_emb, tokens, dx)
+    ctx.pp_pass(ctx.pp_rank - 1, dx)                        # to the previous stage
+    return acc_emb
+
+
+def layerwise_grads(params, parts, weight, cfg: ModelConfig, ctx: ParallelContext, recompute: str):
+    """(d(weight * loss_sum)/d params summed over the micro-batches `parts`, float32; this
+    process's loss_sum). Each part: (tokens, labels, positions, segment_ids, seq_len) Tensors.
+
+    One stage (pp = 1): forward and backward per micro-batch, so one micro-batch's activations
+    live at a time. Pipeline stages (pp > 1): GPipe, every micro-batch forward (each stage
+    passing its output to the next), then every micro-batch backward in reverse (each passing
+    its input gradient back); the first stage owns the embedding, the last the head and loss.
+    """
+    g = compiled_graphs(cfg, ctx, recompute)
+    selective = recompute == "selective"
+    acc = zeros_like_f32(params)
+    acc_top = {k: acc[k] for k in ("ln_f", "lm_head") if k in acc}
+    acc_layers, acc_emb = list(acc["layers"]), acc.get("word_embeddings")
+    loss_sum = ms.Tensor(0.0, ms.float32)
+    schedule = [[p] for p in parts] if ctx.pp == 1 else [list(parts)]
+    for group in schedule:
+        stash = []
+        for part in group:
+            st, s, acc_top = _forward(g, params, acc_top, part, weight, cfg, ctx, selective)
+            stash.append(st)
+            loss_sum = loss_sum + s
+        for st in reversed(stash):
+            acc_emb = _backward(g, params, acc_layers, acc_emb, st, cfg, ctx, selective)
+    out = {} if acc_emb is None else {"word_embeddings": acc_emb}
+    out["layers"] = tuple(acc_layers)
+    out.update(acc_top)
+    return out, loss_sum
+
+
+def layerwise_loss_sums(params, part, cfg: ModelConfig, ctx: ParallelContext):
+    """(sum of token losses, loss tokens) of one micro-batch over every process, layer by layer
+    (the forward only: what evaluation needs; pipeline stages pass it on as in training)."""
+    g = compiled_graphs(cfg, ctx, "full")
+    tokens, labels, positions, segment_ids, seq_len = part
+    cos, sin = g.rope(positions, seq_len)
+    if ctx.first_stage:
+        x = g.embed_fwd(params["word_embeddings"], tokens)
+    else:
+        x = ctx.pp_pass(ctx.pp_rank - 1, ops.zeros(_act_shape(part, cfg), ms.float32))
+    for p in params["layers"]:
+        x = g.layer_only(ms.mutable(p), x, cos, sin, positions, segment_ids)
+    if ctx.pp == 1:
+        return g.loss_sums(ms.mutable({"ln_f": params["ln_f"], "lm_head": params["lm_head"]}), x, labels)
+    sums = ops.zeros((2,), ms.float32)
+    if ctx.last_stage:
+        s, n = g.loss_sums(ms.mutable({"ln_f": params["ln_f"], "lm_head": params["lm_head"]}), x, labels)
+        sums = ops.stack((s, n))
+    else:
+        ctx.pp_pass(ctx.pp_rank, x)
+    total = g.sum_stages(sums)                                      # every stage gets the last one's
+    return total[0], total[1]

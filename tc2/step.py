@@ -47,11 +47,11 @@ from tc2.compiled import forget_after_failure
 from tc2.config import IGNORE_INDEX, ModelConfig
 from tc2.context import LOCAL, ParallelContext
 from tc2.layer import RECOMPUTE
-from tc2.layerwise import layerwise_grads, zeros_like_f32
+from tc2.layerwise import layerwise_grads, layerwise_loss_sums, zeros_like_f32
 from tc2.model import loss_sums
 from tc2.optim import GradientTransformation
 from tc2.tree import tree_map
-from tc2.update import apply_gradients
+from tc2.update import apply_gradients, zero_slice
 
 BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids")
 LOCAL_KEYS = BATCH_KEYS + ("seq_len",)         # what `ParallelContext.local_batch` adds
@@ -97,10 +97,11 @@ def init_loss_scale(loss_scale: Optional[LossScaleConfig]) -> Optional[dict]:
     return {"scale": ms.Tensor(loss_scale.init_scale, ms.float32), "good_steps": ms.Tensor(0, ms.int32)}
 
 
-def init_train_state(params, optimizer: GradientTransformation,
-                     loss_scale: Optional[LossScaleConfig] = None, step: int = 0) -> TrainState:
-    """Step 0 (or `step`): fresh optimizer state for float32 `params`."""
-    return TrainState(params=params, opt_state=optimizer.init(params),
+def init_train_state(params, optimizer: GradientTransformation, loss_scale: Optional[LossScaleConfig] = None,
+                     step: int = 0, *, ctx: ParallelContext = LOCAL) -> TrainState:
+    """Step 0 (or `step`): fresh optimizer state for float32 `params` (this process's; under
+    ZeRO-1 the state of its rows only: `tc2.update.zero_slice`)."""
+    return TrainState(params=params, opt_state=optimizer.init(zero_slice(params, ctx)),
                       step=ms.Tensor(step, ms.int32), loss_scale=init_loss_scale(loss_scale))
 
 
@@ -183,13 +184,6 @@ def _objective(params, tokens, labels, positions, segment_ids, seq_len, weight, 
     return loss_sum * weight, loss_sum
 
 
-def _sum_dpcp(x, ctx: ParallelContext):
-    """Sum a scalar over the data x context group (the identity in one process)."""
-    if ctx.dp * ctx.cp == 1 or ctx.folded:
-        return x
-    return ctx.sum_dpcp(x.reshape(1))[0]
-
-
 @forget_after_failure
 def _compiled_grad(cfg: ModelConfig, ctx: ParallelContext):
     """acc + d(weight * loss_sum)/d params for one micro-batch: the whole model as one graph."""
@@ -227,13 +221,14 @@ def _accumulate(params, parts, cfg: ModelConfig, ctx: ParallelContext, weight, r
     one unrolled graph for the whole model (recompute "none"), or layer by layer."""
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    if recompute != "none":
+        return layerwise_grads(params, parts, weight, cfg, ctx, recompute)
+    if ctx.pp > 1:
+        raise ValueError("pipeline stages run layer by layer: use recompute 'selective' or 'full', not 'none'")
     acc = zeros_like_f32(params)
     loss_sum = ms.Tensor(0.0, ms.float32)
     for part in parts:
-        if recompute == "none":
-            acc, s = _compiled_grad(cfg, ctx)(ms.mutable(params), ms.mutable(acc), *part, weight)
-        else:
-            acc, s = layerwise_grads(params, acc, part, weight, cfg, ctx, recompute)
+        acc, s = _compiled_grad(cfg, ctx)(ms.mutable(params), ms.mutable(acc), *part, weight)
         loss_sum = loss_sum + s
     return acc, loss_sum
 
@@ -301,24 +296,13 @@ def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: Grad
 # --------------------------------------------------------------------------- eval
 
 
-@forget_after_failure
-def _compiled_eval(cfg: ModelConfig, ctx: ParallelContext):
-    @ms.jit
-    def eval_sums(params, tokens, labels, positions, segment_ids, seq_len):
-        s, n = loss_sums(params, tokens, labels, cfg, positions=positions, segment_ids=segment_ids,
-                         seq_len=seq_len, ctx=ctx)
-        return _sum_dpcp(s, ctx), _sum_dpcp(n, ctx)
-    return eval_sums
-
-
 def eval_loss_sums(params, batch: dict, cfg: ModelConfig, *, ctx: ParallelContext = LOCAL):
     """(sum of token losses, loss-token count) over a global [B, T] or [k, B, T] batch, as floats
-    (the whole batch's, on every process)."""
+    (the whole batch's, on every process). Layer by layer: compile time independent of depth."""
     parts, _, _ = _local_micro_batches(batch, ctx, cfg.vocab_size)
-    fn = _compiled_eval(cfg, ctx)
     total, count = 0.0, 0.0
     for part in parts:
-        s, c = fn(ms.mutable(params), *part)
+        s, c = layerwise_loss_sums(params, part, cfg, ctx)
         total += float(s.asnumpy())
         count += float(c.asnumpy())
     return total, count

@@ -27,6 +27,7 @@ from tc2.config import ModelConfig
 from tc2.context import ParallelContext
 from tc2.model import tp_sharded
 from tc2.optim import GradientTransformation, apply_updates
+from tc2.nn.ring import slot_all_reduce
 from tc2.tree import sum_squares, tree_map
 
 TOP_KEYS = ("word_embeddings", "ln_f", "lm_head")
@@ -45,23 +46,28 @@ class Decision(NamedTuple):
 
 
 def split(tree, by_layer: bool) -> List:
-    """A params-shaped tree as pieces: [top, {"layers": (layer 0,)}, ...] or [tree]."""
+    """A params-shaped tree as pieces: [top, {"layers": (layer 0,)}, ...] or [tree]. The top
+    piece holds the top-level tensors this process has (none on a middle pipeline stage)."""
     if not by_layer:
         return [tree]
-    return [{k: tree[k] for k in tree if k != "layers"}] + [{"layers": (layer,)} for layer in tree["layers"]]
+    top = {k: tree[k] for k in TOP_KEYS if k in tree}
+    return ([top] if top else []) + [{"layers": (layer,)} for layer in tree["layers"]]
 
 
-def join(pieces: List, by_layer: bool):
-    """Inverse of `split`."""
+def join(like, pieces: List, by_layer: bool):
+    """Inverse of `split`, into the structure (and key order) of `like`."""
     if not by_layer:
         return pieces[0]
-    top = pieces[0]
-    return {"word_embeddings": top["word_embeddings"], "layers": tuple(p["layers"][0] for p in pieces[1:]),
-            "ln_f": top["ln_f"], "lm_head": top["lm_head"]}
+    has_top = any(k in like for k in TOP_KEYS)
+    top, layers = (pieces[0], pieces[1:]) if has_top else ({}, pieces)
+    out = {}
+    for k in like:
+        out[k] = tuple(p["layers"][0] for p in layers) if k == "layers" else top[k]
+    return out
 
 
 def _params_shaped(x) -> bool:
-    return isinstance(x, dict) and "layers" in x and all(k in x for k in TOP_KEYS)
+    return isinstance(x, dict) and "layers" in x
 
 
 def split_state(state, n_pieces: int, by_layer: bool) -> List:
@@ -85,7 +91,7 @@ def join_state(like, pieces: List, by_layer: bool):
     if not by_layer:
         return pieces[0]
     if _params_shaped(like):
-        return join(pieces, True)
+        return join(like, pieces, True)
     if isinstance(like, dict):
         return {k: join_state(like[k], [p[k] for p in pieces], True) for k in like}
     if isinstance(like, tuple):
@@ -93,11 +99,40 @@ def join_state(like, pieces: List, by_layer: bool):
     return pieces[0]
 
 
+# --------------------------------------------------------------------------- ZeRO-1
+
+
+def zero_rows(shape, ctx: ParallelContext) -> bool:
+    """Whether a tensor of `shape` is split over the ZeRO group (by rows, when they divide)."""
+    return ctx.zero_size > 1 and len(shape) >= 1 and shape[0] % ctx.zero_size == 0
+
+
+def zero_slice(tree, ctx: ParallelContext):
+    """This rank's rows of every tensor ZeRO splits (host or graph); others as they are."""
+    if ctx.zero_size == 1:
+        return tree
+
+    def cut(x):
+        if not zero_rows(x.shape, ctx):
+            return x
+        n = x.shape[0] // ctx.zero_size
+        return x[ctx.zero_rank * n:(ctx.zero_rank + 1) * n]
+    return tree_map(cut, tree)
+
+
+def _zero_whole(x, full_rows: int, ctx: ParallelContext):
+    """The whole tensor from every rank's rows (a slot all-reduce over the dp x cp group)."""
+    if full_rows == x.shape[0]:
+        return x
+    buf = slot_all_reduce(x, ctx.zero_size, ctx.zero_rank, ctx.sum_dpcp)                # [Z, n/Z, ...]
+    return buf.reshape((full_rows,) + x.shape[1:])
+
+
 # --------------------------------------------------------------------------- graphs
 
 
 class _Graphs(NamedTuple):
-    reduce: tuple              # per piece kind: (top, layer) or (whole,)
+    reduce: dict               # per piece kind: "top", "layer" or "whole"
     decide: object
     apply: object
 
@@ -108,7 +143,7 @@ def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, cli
     update, current_lr = optimizer.update, optimizer.learning_rate     # graph mode: no attributes
     sharded = tp_sharded(cfg) if ctx.tp > 1 else None
     reduce_dpcp = ctx.dp * ctx.cp > 1 and not ctx.folded
-    masks = [None] * 2 if sharded is None else split(sharded, True)[:2] if by_layer else [sharded]
+    masks = _masks(sharded, by_layer)
 
     def make_reduce(mask):
         @ms.jit
@@ -125,8 +160,13 @@ def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, cli
     def decide(sq_split, sq_rest, loss_sum, inv_count, scale_state, opt_state):
         if sharded is not None:
             sq_split = ctx.sum_tp(sq_split.reshape(1))[0]                # tp shards, each counted once
-        gnorm = ops.sqrt(sq_split + sq_rest)                            # unscaled, before clipping
-        loss = (loss_sum if not reduce_dpcp else ctx.sum_dpcp(loss_sum.reshape(1))[0]) * inv_count
+        sq, loss_sum = sq_split + sq_rest, loss_sum.reshape(1)
+        if ctx.pp > 1:                                                  # stages hold disjoint layers
+            sq, loss_sum = ctx.sum_pp(sq.reshape(1))[0], ctx.sum_pp(loss_sum)
+        if reduce_dpcp:
+            loss_sum = ctx.sum_dpcp(loss_sum)
+        gnorm = ops.sqrt(sq)                                            # unscaled, before clipping
+        loss = loss_sum[0] * inv_count
         ok = ops.logical_and(ops.isfinite(gnorm), ops.isfinite(loss))
         factor = inv_count * 0.0 + 1.0
         if clip_norm is not None:
@@ -143,12 +183,28 @@ def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, cli
 
     @ms.jit
     def apply(params, grads, opt_state, factor, ok):
-        updates, new_state = update(tree_map(lambda g: g * factor, grads), opt_state, params)
-        new_params = apply_updates(params, updates)
+        grads = tree_map(lambda g: g * factor, grads)
+        if ctx.zero_size > 1:                    # ZeRO-1: update this rank's rows, then gather them
+            rows = zero_slice(params, ctx)
+            updates, new_state = update(zero_slice(grads, ctx), opt_state, rows)
+            new_params = tree_map(lambda n, p: _zero_whole(n, p.shape[0], ctx), apply_updates(rows, updates),
+                                  params)
+        else:
+            updates, new_state = update(grads, opt_state, params)
+            new_params = apply_updates(params, updates)
         return _keep_if(ok, (new_params, new_state), (params, opt_state))
 
-    reduces = tuple(make_reduce(m) for m in (masks if by_layer else masks[:1]))
-    return _Graphs(reduces, decide, apply)
+    return _Graphs({kind: make_reduce(m) for kind, m in masks.items()}, decide, apply)
+
+
+def _masks(sharded, by_layer: bool) -> dict:
+    """{piece kind: tp mask}: "top" (every top-level tensor; a stage uses the keys it has),
+    "layer", or "whole"."""
+    if not by_layer:
+        return {"whole": sharded}
+    if sharded is None:
+        return {"top": None, "layer": None}
+    return {"top": {k: sharded[k] for k in TOP_KEYS}, "layer": {"layers": (sharded["layers"][0],)}}
 
 
 def _keep_if(ok, new, old):
@@ -172,12 +228,13 @@ def apply_gradients(params, opt_state, scale_state, grads, loss_sum, inv_count, 
                     optimizer: GradientTransformation, ls, clip_norm: Optional[float], ctx: ParallelContext):
     """-> (params, opt_state, Decision): the update of one step, piece by piece (module doc)."""
     by_layer = bool(getattr(optimizer, "elementwise", False))
+    if ctx.zero_size > 1 and not by_layer:
+        raise ValueError("ZeRO-1 needs an optimizer that acts on each parameter on its own (elementwise)")
     g = compiled_update(cfg, optimizer, ls, clip_norm, ctx, by_layer)
     inv_scale = inv_count * 0.0 + 1.0 if scale_state is None else 1.0 / scale_state["scale"]
     grad_pieces, sq_split, sq_rest = [], ms.Tensor(0.0, ms.float32), ms.Tensor(0.0, ms.float32)
-    for i, piece in enumerate(split(grads, by_layer)):
-        reduce = g.reduce[min(i, len(g.reduce) - 1)]
-        reduced, a, b = reduce(ms.mutable(piece), inv_scale)
+    for piece in split(grads, by_layer):
+        reduced, a, b = g.reduce[_kind(piece, by_layer)](ms.mutable(piece), inv_scale)
         grad_pieces.append(reduced)
         sq_split, sq_rest = sq_split + a, sq_rest + b
     p_pieces, s_pieces = split(params, by_layer), split_state(opt_state, len(grad_pieces), by_layer)
@@ -189,5 +246,11 @@ def apply_gradients(params, opt_state, scale_state, grads, loss_sum, inv_count, 
         p2, s2 = g.apply(ms.mutable(p), ms.mutable(gr), ms.mutable(s), factor, ok)
         new_p.append(p2)
         new_s.append(s2)
-    return (join(new_p, by_layer), join_state(opt_state, new_s, by_layer),
+    return (join(params, new_p, by_layer), join_state(opt_state, new_s, by_layer),
             Decision(factor, ok, loss, gnorm, lr, scale_state))
+
+
+def _kind(piece, by_layer: bool) -> str:
+    if not by_layer:
+        return "whole"
+    return "layer" if "layers" in piece else "top"

@@ -607,8 +607,8 @@ def test_recipe_runs_end_to_end_on_jsonl(tmp_path, capsys):
     capsys.readouterr()
     assert fin.main(argv + ["--parallel.dp", "8"]) == 2              # refuses a multi-device layout
     assert "the layout dp8 needs 8 processes" in capsys.readouterr().err   # outside msrun: a clear error
-    with pytest.raises(ValueError, match="not executed yet.*zero=1"):   # planned-only modes: refused
-        context_for(ParallelConfig(dp=2, zero=1))
+    with pytest.raises(ValueError, match="not executed yet.*zero=2"):   # planned-only modes: refused
+        context_for(ParallelConfig(dp=2, zero=2))
 
 
 # --------------------------------------------------------------------------- run guards

@@ -108,11 +108,13 @@ def check_hf_layout(cfg: ModelConfig, found: Dict[str, Tuple[int, ...]], where: 
                              f"vocab_size={cfg.vocab_size}) implies {tuple(shape)}")
 
 
-def iter_hf_tensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
-    """(hf name, numpy array; bf16 given as float32) one tensor at a time, file by file."""
+def iter_hf_tensors(path: str, names=None) -> Iterator[Tuple[str, np.ndarray]]:
+    """(hf name, numpy array; bf16 given as float32) one tensor at a time, file by file
+    (only `names`, a set of hf names, when given)."""
     by_file: Dict[str, list] = {}
     for name, file in hf_tensor_files(path).items():
-        by_file.setdefault(file, []).append(name)
+        if names is None or name in names:
+            by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
         with SafetensorsFile(file) as f:
             for name in names:
@@ -138,17 +140,41 @@ def load_hf(path: str, *, dtype=ms.float32, ctx=None, **config_overrides):
             if files.get(name) == file:
                 check_weight_dtype(file, name, meta["dtype"])
     check_hf_layout(cfg, {n: shapes.get(n, ()) for n in files}, path)
-    slices = None
-    if ctx is not None and ctx.tp > 1:
-        from tc2.parallel.sharding import local_slices
-        slices = local_slices(cfg, ctx)
+    if ctx is None or (ctx.tp == 1 and ctx.pp == 1):
+        flat = {tc2_from_hf(n): ms.Tensor(a.astype(np.float32, copy=False)).astype(dtype)
+                for n, a in iter_hf_tensors(path)}
+        return tree_unflatten_from_names(param_specs(cfg), flat), cfg
+    return _load_shards(path, cfg, ctx, dtype), cfg
+
+
+def _load_shards(path: str, cfg: ModelConfig, ctx, dtype) -> dict:
+    """This process's tree: its pipeline stage's tensors, each cut to its tp slice as it is read."""
+    from tc2.parallel.sharding import first_layer, global_name, local_slices
+    local = local_slices(cfg, ctx)                                   # {name in its tree: Shard}
+    offset = first_layer(cfg, ctx)
+    mine = {global_name(n, offset): n for n in local}
     flat = {}
-    for n, a in iter_hf_tensors(path):
-        name = tc2_from_hf(n)
-        if slices is not None:
-            a = np.ascontiguousarray(a[slices[name].index])
+    for n, a in iter_hf_tensors(path, names=set(hf_name(g) for g in mine)):
+        name = mine[tc2_from_hf(n)]
+        a = np.ascontiguousarray(a[local[name].index])
         flat[name] = ms.Tensor(a.astype(np.float32, copy=False)).astype(dtype)
-    return tree_unflatten_from_names(param_specs(cfg), flat), cfg
+    return tree_unflatten_from_names(_tree_like(local), flat)
+
+
+def _tree_like(flat_names) -> dict:
+    """The params-shaped tree (leaves None) whose names are `flat_names` ("layers.0.query", ...)."""
+    tree = {}
+    layers = {}
+    for n in flat_names:
+        parts = n.split(".")
+        if parts[0] == "layers":
+            layers.setdefault(int(parts[1]), {})[parts[2]] = None
+        else:
+            tree[n] = None
+    out = {k: tree[k] for k in ("word_embeddings",) if k in tree}
+    out["layers"] = tuple(layers[i] for i in sorted(layers))
+    out.update({k: tree[k] for k in ("ln_f", "lm_head") if k in tree})
+    return out
 
 
 def hf_arrays(params, cfg: ModelConfig) -> Iterator[Tuple[str, np.ndarray]]:

@@ -78,8 +78,9 @@ def load_for_generation(opts: GenerationOptions, ctx: ParallelContext = LOCAL) -
     """Weights, tokenizer and sampling settings; errors name the path or flag at fault."""
     if opts.style not in STYLES:
         raise ValueError(f"--style must be one of {STYLES}, got {opts.style!r}")
-    if ctx.cp > 1:
-        raise ValueError("generation runs without context parallelism: use --parallel.tp / --parallel.dp")
+    if ctx.cp > 1 or ctx.pp > 1:
+        raise ValueError("generation runs without context or pipeline parallelism: use --parallel.tp / "
+                         "--parallel.dp")
     ckpt = resolve_checkpoint(opts.checkpoint)
     params, cfg = load_hf(ckpt, ctx=ctx)
     if opts.dtype:

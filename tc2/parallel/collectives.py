@@ -112,30 +112,32 @@ def local_context(cp: int = 1, layout: str = "zigzag") -> ParallelContext:
     return ParallelContext(cp=cp, layout=layout, folded=True, rotate=roll_rotation(cp) if cp > 1 else None)
 
 
-def spmd_context(mesh: Mesh, *, layout: str = "zigzag", rotation: str = "allreduce") -> ParallelContext:
-    """This msrun rank's context: initialises communication and creates its dp/cp/tp groups.
+def spmd_context(mesh: Mesh, *, layout: str = "zigzag", rotation: str = "allreduce",
+                 zero: int = 0) -> ParallelContext:
+    """This msrun rank's context: initialises communication and creates its dp/cp/tp/pp groups.
 
     rotation: "allreduce" (CPU: slot all-reduce, differentiable) or "neighbor" (Ascend
-    NeighborExchange, untested here). The same arguments give the same context (groups are
-    created once per process). A mesh of one process gives `LOCAL`'s equal.
+    NeighborExchange, untested here). zero=1: ZeRO-1 over the dp x cp group. The same arguments
+    give the same context (groups are created once per process). A mesh of one process gives
+    `LOCAL`'s equal.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if rotation not in ("allreduce", "neighbor"):
         raise ValueError(f"rotation must be 'allreduce' or 'neighbor', got {rotation!r}")
-    if mesh.pp > 1:
-        raise ValueError(f"mesh {mesh}: pipeline stages are not executed yet (pp must be 1)")
+    if zero not in (0, 1):
+        raise ValueError(f"zero must be 0 or 1 (ZeRO-1: optimizer state sharded), got {zero}")
     if mesh.size == 1:
         return ParallelContext(layout=layout)
     if "MS_ROLE" not in os.environ:
         raise ValueError(f"the layout {mesh} needs {mesh.size} processes: start it with MindSpore's "
                          f"launcher, e.g. msrun --worker_num={mesh.size} --local_worker_num={mesh.size} "
                          "--master_port=8118 --log_dir=logs --join=True <script> <args>")
-    return _spmd_context(mesh, layout, rotation)
+    return _spmd_context(mesh, layout, rotation, zero)
 
 
 @functools.lru_cache(maxsize=None)
-def _spmd_context(mesh: Mesh, layout: str, rotation: str) -> ParallelContext:
+def _spmd_context(mesh: Mesh, layout: str, rotation: str, zero: int) -> ParallelContext:
     from mindspore.communication import create_group, get_group_size, get_rank, init
     from mindspore.communication.management import GlobalComm
     if not GlobalComm.INITED:
@@ -158,36 +160,76 @@ def _spmd_context(mesh: Mesh, layout: str, rotation: str) -> ParallelContext:
                   gather_tp=GatherFromGroup(g, mesh.tp, c["tp"]), max_tp=_max_over(mesh.tp, c["tp"], sum_tp))
     if mesh.dp * mesh.cp > 1:
         kw["sum_dpcp"] = ops.AllReduce(ReduceOp.SUM, group(("dp", "cp")))
+        if zero:
+            kw.update(zero_size=mesh.dp * mesh.cp, zero_rank=mesh.group(("dp", "cp"), rank).index(rank))
     if mesh.cp > 1:
         g = group("cp")
         if rotation == "allreduce":
             kw["rotate"] = allreduce_rotation(mesh.cp, c["cp"], ops.AllReduce(ReduceOp.SUM, g))
         else:
             kw["rotate"] = neighbor_rotation(mesh.cp, c["cp"], mesh.group("cp", rank), g)
-    return ParallelContext(dp=mesh.dp, cp=mesh.cp, tp=mesh.tp, rank=rank, dp_rank=c["dp"], cp_rank=c["cp"],
-                           tp_rank=c["tp"], layout=layout, barrier=barrier, host_sum=host_sum, **kw)
+    if mesh.pp > 1:
+        kw.update(sum_pp=ops.AllReduce(ReduceOp.SUM, group("pp")), pp_pass=_stage_pairs(mesh, rank, create_group))
+    return ParallelContext(dp=mesh.dp, cp=mesh.cp, tp=mesh.tp, pp=mesh.pp, rank=rank, dp_rank=c["dp"],
+                           cp_rank=c["cp"], tp_rank=c["tp"], pp_rank=c["pp"], layout=layout, barrier=barrier,
+                           host_sum=host_sum, **kw)
+
+
+def _stage_pairs(mesh: Mesh, rank: int, create_group):
+    """pp_pass(lower stage s, x): the sum of x over this rank and its neighbour in the pair of
+    stages (s, s+1) (same dp / cp / tp coordinates). The sender passes its tensor and the
+    receiver zeros of the same shape, so both get the sender's: a point-to-point transfer
+    from the sum-AllReduce the CPU backend has (no Send/Receive). Every pair a rank belongs to
+    is created up front, in stage order, the same on every rank of the group."""
+    c = mesh.coords(rank)
+    sums = {}
+    for s in range(mesh.pp - 1):
+        ranks = sorted(mesh.rank(dp=c["dp"], cp=c["cp"], tp=c["tp"], pp=t) for t in (s, s + 1))
+        if rank in ranks:
+            name = f"tc2_pp{s}_" + "_".join(map(str, ranks))
+            create_group(name, ranks)
+            sums[s] = ms.jit(_sum_over(ops.AllReduce(ReduceOp.SUM, name)))
+
+    def pp_pass(lower_stage: int, x):
+        return sums[lower_stage](x)
+    return pp_pass
+
+
+def _sum_over(all_reduce):
+    def pair_sum(x):
+        return all_reduce(x)
+    return pair_sum
 
 
 def mesh_of(ctx: ParallelContext) -> Mesh:
     """The mesh a context belongs to (for slicing parameters and checkpoints on the host)."""
-    return Mesh(dp=ctx.dp, cp=ctx.cp, tp=ctx.tp)
+    return Mesh(dp=ctx.dp, cp=ctx.cp, tp=ctx.tp, pp=ctx.pp)
 
 
 def context_for(parallel: ParallelConfig, layout: str = "zigzag") -> ParallelContext:
     """The context of this process for a requested layout (ValueError for what does not execute)."""
-    return spmd_context(parallel.executable().mesh(), layout=layout)
+    return spmd_context(parallel.executable().mesh(), layout=layout, zero=parallel.zero)
 
 
 def local_params(params, cfg, ctx: ParallelContext):
     """This process's shards of `params`: the full model is sliced (host side, tensor by
-    tensor); params that already have this process's shapes are returned as they are."""
+    tensor: its tp slices, the layers of its pipeline stage); params that already have this
+    process's layout are returned as they are."""
     from tc2.parallel.sharding import local_slices, shard_params
-    if ctx.tp == 1:
+    if ctx.tp == 1 and ctx.pp == 1:
         return params
-    if tuple(params["word_embeddings"].shape) == (cfg.vocab_size, cfg.hidden_size):
+    want = local_slices(cfg, ctx)
+    full = (len(params["layers"]) == cfg.n_layer and "lm_head" in params and "word_embeddings" in params
+            and tuple(params["word_embeddings"].shape) == (cfg.vocab_size, cfg.hidden_size))
+    if full:
         return shard_params(params, cfg, mesh_of(ctx), ctx.rank)
-    want = local_slices(cfg, ctx)["word_embeddings"].shape
-    if tuple(params["word_embeddings"].shape) != tuple(want):
-        raise ValueError(f"params are neither the full model nor the tp={ctx.tp} shards of rank {ctx.rank} "
-                         f"(word_embeddings {tuple(params['word_embeddings'].shape)})")
+    got = {n: tuple(x.shape) for n, x in _flat(params).items()}
+    if got != {n: tuple(s.shape) for n, s in want.items()}:
+        raise ValueError(f"params are neither the full model nor the shards of rank {ctx.rank} "
+                         f"(tp={ctx.tp}, pp={ctx.pp})")
     return params
+
+
+def _flat(tree):
+    from tc2.tree import tree_flatten_with_names
+    return tree_flatten_with_names(tree)

@@ -110,15 +110,16 @@ class Mesh:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """A training layout (the release's, spec §9). `fit` executes dp x cp x tp; the rest is
-    read by the memory plan and the Ascend layouts, and refused by `executable()`."""
+    """A training layout (the release's, spec §9). `fit` executes dp x cp x tp x pp, ZeRO-1 and
+    the three recompute modes; the rest is read by the memory plan and the Ascend layouts, and
+    refused by `executable()`."""
     dp: int = 1                               # data parallel
     tp: int = 1                               # tensor (model) parallel
     pp: int = 1                               # pipeline stages
     cp: int = 1                               # context (sequence-sharded ring attention)
     micro_batches: int = 1                    # pipeline micro batches (MF micro_batch_num)
     sequence_parallel: bool = False           # shard norm/residual activations over tp
-    recompute: str = "none"                   # "none" | "selective" | "full"
+    recompute: str = "selective"              # "none" (one unrolled graph) | "selective" | "full" (layer by layer)
     zero: int = 0                             # optimizer-state sharding stage over dp (MF parallel optimizer: 1)
 
     def __post_init__(self):
@@ -143,15 +144,14 @@ class ParallelConfig:
 
     def executable(self) -> "ParallelConfig":
         """self, if tc2 executes this layout; else ValueError naming what is only planned."""
-        planned = [(self.pp > 1, f"pp={self.pp} (pipeline stages)"),
-                   (self.micro_batches > 1, f"micro_batches={self.micro_batches} (pipeline micro batches; "
-                                            "use train.micro_batch for gradient accumulation)"),
-                   (self.zero > 0, f"zero={self.zero} (optimizer-state sharding)"),
-                   (self.recompute != "none", f"recompute={self.recompute!r}"),
+        planned = [(self.micro_batches > 1, f"micro_batches={self.micro_batches} (a pipeline runs the step's "
+                                            "micro-batches: set train.micro_batch)"),
+                   (self.zero > 1, f"zero={self.zero} (ZeRO-1 executes; stages 2 and 3 are planned only)"),
                    (self.sequence_parallel and self.tp > 1, "sequence_parallel=true with tp > 1")]
         named = [what for bad, what in planned if bad]
         if named:
             raise ValueError("not executed yet (the memory plan and the Ascend layouts model them): "
-                             + ", ".join(named) + ". Set them to pp=1 micro_batches=1 zero=0 "
-                             "recompute=none sequence_parallel=false to train dp x cp x tp.")
+                             + ", ".join(named) + ".")
+        if self.zero and self.dp * self.cp == 1:
+            raise ValueError("parallel.zero=1 shards the optimizer state over dp x cp, which is 1 here")
         return self

@@ -15,6 +15,7 @@ Built on the same table: MindSpore `Layout`s / shard strategies for Ascend semi-
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -175,9 +176,27 @@ def local_param_specs(cfg: ModelConfig, mesh: Mesh, rank: int, rules=None) -> di
 
 
 def local_slices(cfg: ModelConfig, ctx) -> Dict[str, Shard]:
-    """{tc2 name ("layers.0.query"): Shard} of the parameters process `ctx` holds (flat)."""
-    mesh = Mesh(dp=ctx.dp, cp=ctx.cp, tp=ctx.tp)
+    """{tc2 name: Shard} of the parameters process `ctx` holds (flat). Names are those of its
+    own tree: under pipeline parallelism "layers.0" is the first layer of its stage
+    (`global_name` gives the model's name)."""
+    mesh = Mesh(dp=ctx.dp, cp=ctx.cp, tp=ctx.tp, pp=ctx.pp)
     return tree_flatten_with_names(param_slices(cfg, mesh, 0 if ctx.folded else ctx.rank))
+
+
+def first_layer(cfg: ModelConfig, ctx) -> int:
+    """The model's index of the first layer of this process's pipeline stage."""
+    return ctx.pp_rank * (cfg.n_layer // ctx.pp)
+
+
+_LAYER_INDEX = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+def global_name(name: str, offset: int) -> str:
+    """A stage's tensor or state name ("layers.0.query", "mu.layers.0.query") as the model's
+    (its layer index + `offset`); names without a layer stay as they are."""
+    if not offset:
+        return name
+    return _LAYER_INDEX.sub(lambda m: f"{m.group(1)}layers.{int(m.group(2)) + offset}.", name, count=1)
 
 
 def shadowed_param(name: str, params) -> Optional[str]:

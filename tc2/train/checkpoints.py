@@ -39,14 +39,16 @@ from tc2.context import LOCAL, ParallelContext
 from tc2.files import atomic_file, fsync_path, left_by_dead_writer, write_json_atomic, writer_tag
 from tc2.model import param_specs
 from tc2.optim import GradientTransformation
-from tc2.parallel.sharding import leaf_slice, local_slices, shadowed_param
+from tc2.parallel.sharding import first_layer, global_name, leaf_slice, local_slices, shadowed_param
 from tc2.step import TrainState
+from tc2.update import zero_rows, zero_slice
 from tc2.tree import tree_flatten_with_names, tree_unflatten_from_names
 
 FORMAT = "tc2.train_state"
 VERSION = 1
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+SHARD_INFO = "shard.json"   # in a process's shard directory: its tp rank and ZeRO rank
 LEGACY_PREFIX = "1."        # tc2 <= 0.1 saved chain(clip_by_global_norm, adamw): AdamW's state was leaf 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_DIR = re.compile(r"^\.(?:tmp|old)-step_\d+-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
@@ -78,18 +80,26 @@ def save_checkpoint(directory: str, state: TrainState, cfg: ModelConfig, *, ctx:
     if ctx.size == 1:
         return _commit(directory, step, cfg, tensors, state.loss_scale, meta, keep, max_shard_size)
     shards = os.path.join(directory, f".shards-step_{step:08d}")
-    if ctx.writes_shard:
-        mine = os.path.join(shards, f"rank_{ctx.tp_rank}")
+    mine = os.path.join(shards, f"rank_{ctx.rank}")
+    offset = first_layer(cfg, ctx)
+    if ctx.writes_shard or ctx.zero_size > 1:
         os.makedirs(mine, exist_ok=True)
-        _write_flat(os.path.join(mine, "params.safetensors"), tensors.params)
-        _write_flat(os.path.join(mine, OPTIMIZER_FILE), tensors.opt)
+        write_json_atomic(os.path.join(mine, SHARD_INFO), {"tp": ctx.tp_rank, "zero": ctx.zero_rank})
+        if ctx.writes_shard:                  # one replica of each tp slice of each stage's weights
+            _write_flat(os.path.join(mine, "params.safetensors"), _global(tensors.params, offset))
+        _write_flat(os.path.join(mine, OPTIMIZER_FILE), _global(tensors.opt, offset))   # ZeRO: its rows
     ctx.barrier()
     if ctx.is_main:
-        with _MergedShards(shards, ctx.tp, cfg) as tensors:
+        with _MergedShards(shards, cfg, ctx) as tensors:
             _commit(directory, step, cfg, tensors, state.loss_scale, meta, keep, max_shard_size)
         shutil.rmtree(shards, ignore_errors=True)
     ctx.barrier()
     return checkpoint_path(directory, step)
+
+
+def _global(flat: Dict[str, ms.Tensor], offset: int) -> Dict[str, ms.Tensor]:
+    """A pipeline stage's names as the model's (layer indices + the stage's first layer)."""
+    return {global_name(n, offset): t for n, t in flat.items()}
 
 
 class _Tensors:
@@ -123,41 +133,63 @@ def _write_flat(path: str, flat: Dict[str, ms.Tensor], metadata=None) -> None:
 
 
 class _MergedShards(_Tensors, Reader):
-    """Full tensors read from the tp shards' files one tensor at a time, each rank's slice read
-    into its place along the dimension where a shard's shape differs from the full one."""
+    """Full tensors assembled from every process's shard files, one tensor at a time.
 
-    def __init__(self, shards: str, tp: int, cfg: ModelConfig):
+    Each file holds some tensors (a pipeline stage's layers), a tp slice of each (heads, ffn
+    columns, vocabulary rows) and, for optimizer state under ZeRO-1, a rank's rows of that
+    slice. A tensor is put together rows first (ZeRO ranks, in order), then tp slices along the
+    dimension where a tp slice's shape differs from the full one.
+    """
+
+    def __init__(self, shards: str, cfg: ModelConfig, ctx: ParallelContext):
         self.cfg, self.files = cfg, []
-        with self.closing_on_error():
-            for r in range(tp):
-                for f in ("params.safetensors", OPTIMIZER_FILE):
-                    self.files.append(SafetensorsFile(os.path.join(shards, f"rank_{r}", f)))
-        self.param_files, self.opt_files = self.files[0::2], self.files[1::2]
         self.full = {n: tuple(s.shape) for n, s in tree_flatten_with_names(param_specs(cfg)).items()}
+        self.tp_shape = {n: s.shape for n, s in
+                         local_slices(cfg, ParallelContext(tp=ctx.tp, rank=0)).items()}   # tp rank 0, pp 1
+        self.where: Dict[str, Dict[str, Dict[Tuple[int, int], SafetensorsFile]]] = {"params": {}, "opt": {}}
+        with self.closing_on_error():
+            for d in sorted(os.listdir(shards)):
+                with open(os.path.join(shards, d, SHARD_INFO), encoding="utf-8") as f:
+                    info = json.load(f)
+                for kind, file in (("params", "params.safetensors"), ("opt", OPTIMIZER_FILE)):
+                    path = os.path.join(shards, d, file)
+                    if os.path.isfile(path):
+                        sf = SafetensorsFile(path)
+                        self.files.append(sf)
+                        for n in sf.header:
+                            self.where[kind].setdefault(n, {})[(info["tp"], info["zero"])] = sf
 
-    def _merge(self, files, name: str) -> np.ndarray:
-        local, dtype = files[0].shape_dtype(name)
+    def _assemble(self, kind: str, name: str) -> np.ndarray:
+        held = self.where[kind][name]
         param = shadowed_param(name, self.full)
-        full = local if param is None else self.full[param]
-        diff = [d for d, (a, b) in enumerate(zip(local, full)) if a != b]
-        if not diff:                                     # replicated: every rank holds the same
-            return files[0].read(name)
-        return read_slices([(f, name) for f in files], full, np_dtype(dtype), diff[0])
+        tp_ranks = sorted({t for t, _ in held})
+        per_tp = []
+        for t in tp_ranks:
+            parts = [(held[k], name) for k in sorted(k for k in held if k[0] == t)]
+            local, dtype = parts[0][0].shape_dtype(name)
+            want = local if param is None else tuple(self.tp_shape[param])
+            if local[:1] != want[:1]:                    # ZeRO rows of this tp slice
+                per_tp.append(read_slices(parts, want, np_dtype(dtype), 0))
+            else:
+                per_tp.append(parts[0][0].read(name))
+        full = per_tp[0].shape if param is None else self.full[param]
+        diff = [d for d, (a, b) in enumerate(zip(per_tp[0].shape, full)) if a != b]
+        return per_tp[0] if not diff else np.concatenate(per_tp, axis=diff[0])
 
     def hf_arrays(self):
         for n in self.full:
-            yield hf_name(n), self._merge(self.param_files, n)
+            yield hf_name(n), self._assemble("params", n)
 
     def opt_entries(self):
         out = []
-        for n in self.opt_files[0].header:
-            local, dtype = self.opt_files[0].shape_dtype(n)
+        for n, held in self.where["opt"].items():
+            local, dtype = next(iter(held.values())).shape_dtype(n)
             param = shadowed_param(n, self.full)
             out.append((n, local if param is None else self.full[param], dtype))
         return out
 
     def opt_array(self, name: str) -> np.ndarray:
-        return self._merge(self.opt_files, name)
+        return self._assemble("opt", name)
 
     def close(self) -> None:
         for f in self.files:
@@ -351,17 +383,30 @@ def load_checkpoint(path: str, optimizer: GradientTransformation, *,
         params, _ = load_hf(path, ctx=ctx)
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise CheckpointError(f"{path}: weights do not load ({e})") from None
-    slices = local_slices(cfg, ctx) if ctx.tp > 1 else {}
-    like_flat = tree_flatten_with_names(optimizer.init(params))
+    like = optimizer.init(zero_slice(params, ctx))                 # this process's state structure
+    opt_state = tree_unflatten_from_names(like, _read_state(path, tree_flatten_with_names(like), cfg, ctx))
+    ls = record.get("loss_scale")
+    loss_scale = None if ls is None else {"scale": ms.Tensor(float(ls["scale"]), ms.float32),
+                                          "good_steps": ms.Tensor(int(ls["good_steps"]), ms.int32)}
+    state = TrainState(params=params, opt_state=opt_state, step=ms.Tensor(int(record["step"]), ms.int32),
+                       loss_scale=loss_scale)
+    return state, cfg, record
+
+
+def _read_state(path: str, like_flat: Dict[str, ms.Tensor], cfg: ModelConfig, ctx: ParallelContext) -> dict:
+    """This process's optimizer-state leaves from the full state in the checkpoint: its stage's
+    tensors, cut to its tp slice, then to its ZeRO rows; names, shapes and dtypes checked."""
+    slices = local_slices(cfg, ctx) if ctx.tp > 1 or ctx.pp > 1 else {}
+    offset = first_layer(cfg, ctx)
     file = os.path.join(path, OPTIMIZER_FILE)
     flat = {}
     with SafetensorsFile(file) as f:
-        stored = {n: n for n in like_flat}
-        if set(f.header) == {LEGACY_PREFIX + n for n in like_flat}:       # chain(clip, adamw) state
-            stored = {n: LEGACY_PREFIX + n for n in like_flat}
+        stored = {n: global_name(n, offset) for n in like_flat}
+        if all(LEGACY_PREFIX + g in f.header and g not in f.header for g in stored.values()):
+            stored = {n: LEGACY_PREFIX + g for n, g in stored.items()}     # chain(clip, adamw) state
         missing = sorted(set(stored.values()) - set(f.header))
-        extra = sorted(set(f.header) - set(stored.values()))
-        if missing or extra:
+        if missing or (ctx.size == 1 and set(f.header) != set(stored.values())):
+            extra = sorted(set(f.header) - set(stored.values()))
             raise CheckpointError(f"{file}: optimizer state does not match this optimizer "
                                   f"(missing {missing[:3]}, unexpected {extra[:3]})")
         for name, ref in like_flat.items():
@@ -369,17 +414,14 @@ def load_checkpoint(path: str, optimizer: GradientTransformation, *,
             shard = leaf_slice(name, slices)
             if shard is not None:
                 a = a[shard.index]
+            if zero_rows(a.shape, ctx):
+                n = a.shape[0] // ctx.zero_size
+                a = a[ctx.zero_rank * n:(ctx.zero_rank + 1) * n]
             if tuple(a.shape) != tuple(ref.shape) or np.dtype(a.dtype) != _np_dtype(ref):
-                raise CheckpointError(f"{file}: {name} is {a.dtype}{list(a.shape)}, expected "
+                raise CheckpointError(f"{file}: {stored[name]} is {a.dtype}{list(a.shape)}, expected "
                                       f"{_np_dtype(ref)}{list(ref.shape)}")
             flat[name] = ms.Tensor(np.array(a, order="C", copy=True))
-    opt_state = tree_unflatten_from_names(optimizer.init(params), flat)
-    ls = record.get("loss_scale")
-    loss_scale = None if ls is None else {"scale": ms.Tensor(float(ls["scale"]), ms.float32),
-                                          "good_steps": ms.Tensor(int(ls["good_steps"]), ms.int32)}
-    state = TrainState(params=params, opt_state=opt_state, step=ms.Tensor(int(record["step"]), ms.int32),
-                       loss_scale=loss_scale)
-    return state, cfg, record
+    return flat
 
 
 def _np_dtype(t) -> np.dtype:

@@ -153,8 +153,10 @@ def _quiet(_msg: str) -> None:
 class _Run:
     """One call of `fit`: the state, the data, the metrics log and the checkpoints it writes."""
 
-    def __init__(self, cfg, batches, eval_batches, optim, train: TrainConfig, ctx: ParallelContext, meta, log):
+    def __init__(self, cfg, batches, eval_batches, optim, train: TrainConfig, ctx: ParallelContext, meta, log,
+                 recompute: str):
         self.cfg, self.batches, self.eval_batches, self.train, self.ctx = cfg, batches, eval_batches, train, ctx
+        self.recompute = recompute
         self.say = log if ctx.is_main else _quiet
         if isinstance(optim, OptimConfig):
             self.optimizer, self.clip = make_optimizer(optim, train.steps), optim.clip
@@ -191,7 +193,8 @@ class _Run:
                                   "pass resume=True (--train.resume true) to continue that run, or "
                                   "choose another out_dir")
         if state is None:
-            state = init_train_state(local_params(params, self.cfg, self.ctx), self.optimizer, self.loss_scale)
+            state = init_train_state(local_params(params, self.cfg, self.ctx), self.optimizer, self.loss_scale,
+                                     ctx=self.ctx)
         self.state, self.start_step = state, int(state.step.asnumpy())
         self.step = self.start_step
         self.saved_step = self.start_step if self.ckpt else None
@@ -217,7 +220,7 @@ class _Run:
     def train_on(self, batch: dict) -> None:
         t0 = time.perf_counter()
         self.state, m = train_step(self.state, batch, self.cfg, self.optimizer, self.loss_scale,
-                                   clip_norm=self.clip, ctx=self.ctx)
+                                   clip_norm=self.clip, ctx=self.ctx, recompute=self.recompute)
         dt = time.perf_counter() - t0
         self.step += 1
         if m.get("no_loss_tokens"):

@@ -3,7 +3,10 @@
 * `--parallel.cp 2` (ring attention across processes) for the whole run;
 * `--parallel.dp 2` stopped after 2 steps (`--train.stop_after 2`) and resumed in a new msrun
   job (`--train.resume true`): the resumed run's losses and final weights equal the
-  uninterrupted single-process run's (bit-exact resume under data parallelism).
+  uninterrupted single-process run's (bit-exact resume under data parallelism);
+* `--parallel.pp 2` (pipeline stages, GPipe over the step's micro-batches), `--parallel.dp 2
+  --parallel.pp 2` (4 processes; TC2_DIST_4=0 skips it) and `--parallel.dp 2 --parallel.zero 1`
+  (ZeRO-1: each rank keeps half the optimizer state), ZeRO stopped and resumed as well.
 Same data, seed and schedule (warmup, clipping, 2 micro-batches per step); checkpoints are
 merged per-rank shards, read back with `load_hf`. About 2-3 min; TC2_DIST_RECIPE=0 skips it.
 """
@@ -95,3 +98,24 @@ def test_finetune_dp2_stopped_and_resumed_equals_uninterrupted_single_process(si
     assert sorted(_losses(tmp / "dp2")) == [1, 2] and (tmp / "dp2" / "step_00000002").is_dir()
     _msrun(tmp, 2, _args(tmp, tmp / "dp2") + ["--parallel.dp", "2", "--train.resume", "true"])
     _assert_same(tmp / "dp2", single, list(range(1, STEPS + 1)))
+
+
+def test_finetune_pp2_under_msrun_equals_single_process(single):
+    tmp = single[0]
+    _msrun(tmp, 2, _args(tmp, tmp / "pp2") + ["--parallel.pp", "2"])
+    _assert_same(tmp / "pp2", single, list(range(1, STEPS + 1)))
+
+
+def test_finetune_dp2_zero1_stopped_and_resumed_equals_single_process(single):
+    tmp = single[0]
+    args = _args(tmp, tmp / "zero") + ["--parallel.dp", "2", "--parallel.zero", "1"]
+    _msrun(tmp, 2, args + ["--train.stop_after", "2"])
+    _msrun(tmp, 2, args + ["--train.resume", "true"])
+    _assert_same(tmp / "zero", single, list(range(1, STEPS + 1)))
+
+
+@pytest.mark.skipif(os.environ.get("TC2_DIST_4", "1") == "0", reason="TC2_DIST_4=0: the 4-worker jobs are disabled")
+def test_finetune_dp2_pp2_under_msrun_equals_single_process(single):
+    tmp = single[0]
+    _msrun(tmp, 4, _args(tmp, tmp / "dp2pp2") + ["--parallel.dp", "2", "--parallel.pp", "2"])
+    _assert_same(tmp / "dp2pp2", single, list(range(1, STEPS + 1)))
