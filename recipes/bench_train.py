@@ -71,7 +71,7 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq
 
 
-def bench_shape(name: str, warmup: int, steps: int, micro: Optional[int] = None) -> dict:
+def bench_shape(name: str, warmup: int, steps: int, micro: Optional[int] = None, recompute: str = "selective") -> dict:
     import resource
     spec = SHAPES[name]
     micro = micro or spec["micro"]
@@ -86,15 +86,15 @@ def bench_shape(name: str, warmup: int, steps: int, micro: Optional[int] = None)
     stream = synthetic_batches(cfg, spec["batch"], spec["seq"], seed=0)
     data = (split_micro_batches(b, k) if k > 1 else b for b in stream)
     t0 = time.perf_counter()
-    state, _ = train_step(state, next(data), cfg, opt, clip_norm=ocfg.clip)                # compile + first step
+    state, _ = train_step(state, next(data), cfg, opt, clip_norm=ocfg.clip, recompute=recompute)                # compile + first step
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
-        state, _ = train_step(state, next(data), cfg, opt, clip_norm=ocfg.clip)
+        state, _ = train_step(state, next(data), cfg, opt, clip_norm=ocfg.clip, recompute=recompute)
     times: List[float] = []
     for _ in range(steps):
         batch = next(data)
         t0 = time.perf_counter()
-        state, m = train_step(state, batch, cfg, opt, clip_norm=ocfg.clip)                 # metrics read = synced
+        state, m = train_step(state, batch, cfg, opt, clip_norm=ocfg.clip, recompute=recompute)                 # metrics read = synced
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     tokens = spec["batch"] * spec["seq"]
@@ -105,16 +105,16 @@ def bench_shape(name: str, warmup: int, steps: int, micro: Optional[int] = None)
                 peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
 
 
-def _in_child(name: str, warmup: int, steps: int, micro: Optional[int]) -> dict:
+def _in_child(name: str, warmup: int, steps: int, micro: Optional[int], recompute: str) -> dict:
     """bench_shape in a fresh process, so each shape starts with the memory returned."""
     import multiprocessing as mp
     with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(bench_shape, (name, warmup, steps, micro))
+        return pool.apply(bench_shape, (name, warmup, steps, micro, recompute))
 
 
 def main(argv=None) -> int:
     def run(shapes: List[str] = ["S", "M"], warmup: int = 3, steps: int = 5, peak_size: int = 2048,
-            micro_batch: Optional[int] = None):
+            micro_batch: Optional[int] = None, recompute: List[str] = ["selective", "none"]):
         """Train-step throughput and MFU.
 
         Args:
@@ -123,13 +123,15 @@ def main(argv=None) -> int:
             steps: timed steps per shape (the median is reported).
             peak_size: n of the n^3 matmul that measures the peak.
             micro_batch: rows per forward/backward for every shape (default: S 4, M 1).
+            recompute: the step's modes, each measured per shape: "selective" / "full" (layer by
+                layer, one compiled layer) and "none" (one unrolled graph of the whole model).
         """
         for s in shapes:
             if s not in SHAPES:
                 raise ValueError(f"unknown shape {s!r}; choose from {sorted(SHAPES)}")
         ms.set_context(mode=ms.GRAPH_MODE)
         peak_before = matmul_peak(peak_size)
-        rows = [_in_child(s, warmup, steps, micro_batch) for s in shapes]
+        rows = [dict(_in_child(s, warmup, steps, micro_batch, r), recompute=r) for s in shapes for r in recompute]
         peak_after = matmul_peak(peak_size)
         peak = max(peak_before, peak_after)
         print(f"float32 matmul peak ({peak_size}^3, jitted, best of 5): before {peak_before / 1e9:.1f}, "
@@ -139,13 +141,13 @@ def main(argv=None) -> int:
         print("one step = forward + backward + global-norm clip + AdamW, graph mode, float32, median of "
               f"{steps} after {warmup} warmup steps; compile s = compile + first step; k x mb = "
               "micro-batches x rows; each shape in its own process")
-        head = (f"{'shape':<6}{'params':>12}{'N_matmul':>12}{'tok/step':>10}{'k x mb':>8}{'compile s':>11}"
+        head = (f"{'shape':<6}{'recompute':>10}{'params':>12}{'N_matmul':>12}{'tok/step':>10}{'k x mb':>8}{'compile s':>11}"
                 f"{'step s':>9}{'tokens/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>8}{'peak GiB':>10}")
         print(head)
         print("-" * len(head))
         for r in rows:
             achieved = r["flops"] / r["step_s"]
-            print(f"{r['shape']:<6}{r['params']:>12,}{r['n_matmul']:>12,}{r['tokens']:>10}{r['micro']:>8}"
+            print(f"{r['shape']:<6}{r['recompute']:>10}{r['params']:>12,}{r['n_matmul']:>12,}{r['tokens']:>10}{r['micro']:>8}"
                   f"{r['compile_s']:>11.1f}{r['step_s']:>9.3f}{r['tok_s']:>10.0f}{r['flops'] / 1e9:>12.1f}"
                   f"{achieved / 1e9:>9.1f}{achieved / peak:>8.1%}{r['peak_gib']:>10.1f}")
         return 0

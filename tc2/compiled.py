@@ -36,6 +36,8 @@ def forget_after_failure(factory=None, *, maxsize: int = 16):
     cached = functools.lru_cache(maxsize=maxsize)(factory)
 
     def wrap(out):
+        if isinstance(out, dict):
+            return {k: wrap(v) for k, v in out.items()}
         if isinstance(out, tuple):                      # a tuple (or NamedTuple) of them, nested
             items = [wrap(f) for f in out]
             return type(out)(*items) if hasattr(out, "_fields") else tuple(items)

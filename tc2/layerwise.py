@@ -21,7 +21,7 @@ import mindspore as ms
 from mindspore import ops
 
 from tc2.compiled import forget_after_failure
-from tc2.config import ModelConfig
+from tc2.config import IGNORE_INDEX, ModelConfig
 from tc2.context import ParallelContext
 from tc2.layer import decoder_layer, layer_backward_full, layer_backward_selective
 from tc2.model import cross_entropy_sum, embed, head as head_logits, head_loss_sum
@@ -131,6 +131,57 @@ class _Stash(NamedTuple):
     dx: object                     # the loss gradient w.r.t. the stage's output (last stage)
 
 
+HEAD_CHUNK_LOGITS = 1 << 23        # logits per head call (32 MB in float32)
+
+
+def head_chunk_rows(n_rows: int, vocab_local: int) -> int:
+    """Token rows per call of the head graph: [rows, V] logits stay near HEAD_CHUNK_LOGITS. The
+    head is where a step's memory peaks: one [B*T, V] call kept ~2 GB of logits, softmax and
+    their gradients alive for shape S ([4, 256], V 32000) and was the slowest graph of the step."""
+    rows = max(64, HEAD_CHUNK_LOGITS // vocab_local)
+    rows = 1 << (rows.bit_length() - 1)                                         # a power of two
+    return min(rows, n_rows)
+
+
+def _chunks(x, labels, rows: int):
+    """[B, T, H], [B, T] -> [(x rows [C, H], labels [C])], the last padded with label -100."""
+    B, T, H = x.shape
+    n = B * T
+    x2, l2 = x.reshape(n, H), labels.reshape(n)
+    out = []
+    for start in range(0, n, rows):
+        xc, lc = x2[start:start + rows], l2[start:start + rows]
+        if xc.shape[0] < rows:
+            pad = rows - xc.shape[0]
+            xc = ops.concat((xc, ops.zeros((pad, H), xc.dtype)))
+            lc = ops.concat((lc, ops.full((pad,), IGNORE_INDEX, dtype=lc.dtype)))
+        out.append((xc, lc))
+    return out
+
+
+def _head_backward(g, top, acc_top, x, labels, weight, cfg, ctx):
+    """(loss_sum, acc_top + d top, dx [B, T, H]): the head over row chunks (HEAD_CHUNK_LOGITS)."""
+    B, T, H = x.shape
+    rows = head_chunk_rows(B * T, cfg.vocab_size // ctx.tp)
+    loss_sum, dxs = ms.Tensor(0.0, ms.float32), []
+    for xc, lc in _chunks(x, labels, rows):
+        s, acc_top, dx = g.head(ms.mutable(top), ms.mutable(acc_top), xc, lc, weight)
+        loss_sum, dxs = loss_sum + s, dxs + [dx]
+    dx = dxs[0] if len(dxs) == 1 else ops.concat(dxs)
+    return loss_sum, acc_top, dx[:B * T].reshape(B, T, H)
+
+
+def _head_sums(g, top, x, labels, cfg, ctx):
+    """(loss sum, loss tokens) of the head over row chunks, summed over dp x cp."""
+    B, T, _ = x.shape
+    rows = head_chunk_rows(B * T, cfg.vocab_size // ctx.tp)
+    total, count = ms.Tensor(0.0, ms.float32), ms.Tensor(0.0, ms.float32)
+    for xc, lc in _chunks(x, labels, rows):
+        s, n = g.loss_sums(ms.mutable(top), xc, lc)
+        total, count = total + s, count + n
+    return total, count
+
+
 def _act_shape(part, cfg: ModelConfig):
     tokens = part[0]
     return tokens.shape + (cfg.hidden_size,)                                   # [B, T, H]
@@ -155,7 +206,7 @@ def _forward(g, params, acc_top, part, weight, cfg, ctx, selective):
     loss_sum, dx = ms.Tensor(0.0, ms.float32), None
     if ctx.last_stage:
         top = {"ln_f": params["ln_f"], "lm_head": params["lm_head"]}
-        loss_sum, acc_top, dx = g.head(ms.mutable(top), ms.mutable(acc_top), x, labels, weight)
+        loss_sum, acc_top, dx = _head_backward(g, top, acc_top, x, labels, weight, cfg, ctx)
     else:                                                           # to the next stage
         ctx.pp_pass(ctx.pp_rank, x)
     return _Stash(part, cos, sin, inputs, saves, dx), loss_sum, acc_top
@@ -223,10 +274,10 @@ def layerwise_loss_sums(params, part, cfg: ModelConfig, ctx: ParallelContext):
     for p in params["layers"]:
         x = g.layer_only(ms.mutable(p), x, cos, sin, positions, segment_ids)
     if ctx.pp == 1:
-        return g.loss_sums(ms.mutable({"ln_f": params["ln_f"], "lm_head": params["lm_head"]}), x, labels)
+        return _head_sums(g, {"ln_f": params["ln_f"], "lm_head": params["lm_head"]}, x, labels, cfg, ctx)
     sums = ops.zeros((2,), ms.float32)
     if ctx.last_stage:
-        s, n = g.loss_sums(ms.mutable({"ln_f": params["ln_f"], "lm_head": params["lm_head"]}), x, labels)
+        s, n = _head_sums(g, {"ln_f": params["ln_f"], "lm_head": params["lm_head"]}, x, labels, cfg, ctx)
         sums = ops.stack((s, n))
     else:
         ctx.pp_pass(ctx.pp_rank, x)

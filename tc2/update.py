@@ -46,24 +46,21 @@ class Decision(NamedTuple):
 
 
 def split(tree, by_layer: bool) -> List:
-    """A params-shaped tree as pieces: [top, {"layers": (layer 0,)}, ...] or [tree]. The top
-    piece holds the top-level tensors this process has (none on a middle pipeline stage)."""
+    """A params-shaped tree as pieces: one per top-level tensor this process has (the embedding,
+    the final norm, lm_head: each alone, so the optimizer's temporaries are one tensor's), then
+    {"layers": (layer i,)} per layer; or [tree]."""
     if not by_layer:
         return [tree]
-    top = {k: tree[k] for k in TOP_KEYS if k in tree}
-    return ([top] if top else []) + [{"layers": (layer,)} for layer in tree["layers"]]
+    return [{k: tree[k]} for k in TOP_KEYS if k in tree] + [{"layers": (layer,)} for layer in tree["layers"]]
 
 
 def join(like, pieces: List, by_layer: bool):
     """Inverse of `split`, into the structure (and key order) of `like`."""
     if not by_layer:
         return pieces[0]
-    has_top = any(k in like for k in TOP_KEYS)
-    top, layers = (pieces[0], pieces[1:]) if has_top else ({}, pieces)
-    out = {}
-    for k in like:
-        out[k] = tuple(p["layers"][0] for p in layers) if k == "layers" else top[k]
-    return out
+    top = {k: p[k] for p in pieces if "layers" not in p for k in p}
+    layers = tuple(p["layers"][0] for p in pieces if "layers" in p)
+    return {k: layers if k == "layers" else top[k] for k in like}
 
 
 def _params_shaped(x) -> bool:
@@ -198,13 +195,12 @@ def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, cli
 
 
 def _masks(sharded, by_layer: bool) -> dict:
-    """{piece kind: tp mask}: "top" (every top-level tensor; a stage uses the keys it has),
-    "layer", or "whole"."""
+    """{piece kind: tp mask}: each top-level tensor's name, "layer", or "whole"."""
     if not by_layer:
         return {"whole": sharded}
     if sharded is None:
-        return {"top": None, "layer": None}
-    return {"top": {k: sharded[k] for k in TOP_KEYS}, "layer": {"layers": (sharded["layers"][0],)}}
+        return {k: None for k in TOP_KEYS + ("layer",)}
+    return {**{k: {k: sharded[k]} for k in TOP_KEYS}, "layer": {"layers": (sharded["layers"][0],)}}
 
 
 def _keep_if(ok, new, old):
@@ -253,4 +249,4 @@ def apply_gradients(params, opt_state, scale_state, grads, loss_sum, inv_count, 
 def _kind(piece, by_layer: bool) -> str:
     if not by_layer:
         return "whole"
-    return "layer" if "layers" in piece else "top"
+    return "layer" if "layers" in piece else next(iter(piece))

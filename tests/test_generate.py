@@ -98,20 +98,24 @@ def test_seeded_sampling_is_reproducible(params):
     assert a == b and a != c
 
 
-def test_decode_step_compiles_once_not_per_token():
-    """A config no other test uses: the first call compiles exactly prefill + decode (2 graphs)
-    over 40 tokens; later calls with other prompts/budgets in the same buckets compile nothing."""
-    cfg = tc2.tiny(n_layer=1, ffn_hidden_size=96)
+@pytest.mark.parametrize("layered, graphs, regraphs", [(True, 3, 5), (False, 1, 2)])
+def test_decode_step_compiles_once_not_per_token(layered, graphs, regraphs):
+    """A config no other test uses: the first call compiles exactly prefill + decode (each one
+    graph unrolled; begin, one decoder layer and finish layered) over 40 tokens; later calls
+    with other prompts/budgets in the same buckets compile nothing. A wider prompt block
+    compiles again what depends on it (layered: not the decode step's final head, whose input
+    is one token either way)."""
+    cfg = tc2.tiny(n_layer=1, ffn_hidden_size=96 if layered else 80)
     p = tc2.init_params(cfg, seed=1)
     before = compiled_graphs()
-    out = generate_ids(p, cfg, [[1, 2, 3], [4, 5]], max_new_tokens=40, stop_ids=())
+    out = generate_ids(p, cfg, [[1, 2, 3], [4, 5]], max_new_tokens=40, stop_ids=(), layered=layered)
     assert [len(o) for o in out] == [40, 40]
-    assert compiled_graphs() == before + 2
-    generate_ids(p, cfg, [[9] * 12, [7]], max_new_tokens=33, stop_ids=())
-    generate_ids(tc2.init_params(cfg, seed=2), cfg, [[6, 6]] * 2, max_new_tokens=64, stop_ids=())
-    assert compiled_graphs() == before + 2
-    generate_ids(p, cfg, [[9] * 17, [7]], max_new_tokens=5, stop_ids=())     # block 16 -> 32: new shapes
-    assert compiled_graphs() == before + 4
+    assert compiled_graphs() == before + 2 * graphs
+    generate_ids(p, cfg, [[9] * 12, [7]], max_new_tokens=33, stop_ids=(), layered=layered)
+    generate_ids(tc2.init_params(cfg, seed=2), cfg, [[6, 6]] * 2, max_new_tokens=64, stop_ids=(), layered=layered)
+    assert compiled_graphs() == before + 2 * graphs
+    generate_ids(p, cfg, [[9] * 17, [7]], max_new_tokens=5, stop_ids=(), layered=layered)  # block 16 -> 32
+    assert compiled_graphs() == before + 2 * graphs + regraphs
 
 
 def test_prompt_layout():

@@ -130,7 +130,7 @@ def fit(params, cfg: ModelConfig, batches: Iterable[dict], *,
     resume (tc2.train.guard).
     """
     ctx = context_for(parallel)
-    run = _Run(cfg, batches, eval_batches, optim, train, ctx, meta, log)
+    run = _Run(cfg, batches, eval_batches, optim, train, ctx, meta, log, parallel.recompute)
     with out_dir_lock(train.out_dir, enabled=ctx.is_main), StopSignals(enabled=ctx.size == 1) as stop:
         run.start(params)
         try:
