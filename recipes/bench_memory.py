@@ -27,9 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = dict(vocab_size=32000, hidden_size=512, n_layer=4, n_head=8, num_key_value_heads=2, ffn_hidden_size=1536)
 
 
-def _cfg(seq: int):
+def _cfg(args: dict):
     import tc2
-    return tc2.ModelConfig(**MODEL, training_seqlen=seq, base_seqlen=seq, seq_length=seq)
+    seq = args["seq"]
+    return tc2.ModelConfig(**args.get("model", MODEL), training_seqlen=seq, base_seqlen=seq, seq_length=seq)
 
 
 def _peak_gib() -> float:
@@ -43,7 +44,7 @@ def _train(args: dict) -> dict:
     from tc2.train.batches import synthetic_batches
     parallel = tc2.ParallelConfig(dp=args["dp"], pp=args["pp"], zero=args["zero"], recompute=args["recompute"])
     ctx = tc2.context_for(parallel)
-    cfg = _cfg(args["seq"])
+    cfg = _cfg(args)
     base = _peak_gib()
     params = tc2.init_params(cfg, 0)
     from tc2.parallel.collectives import local_params
@@ -58,17 +59,21 @@ def _train(args: dict) -> dict:
         t0 = time.perf_counter()
         state, m = tc2.train_step(state, batch, cfg, opt, clip_norm=1.0, ctx=ctx, recompute=args["recompute"])
         times.append(time.perf_counter() - t0)
-    return dict(rank=ctx.rank, peak_gib=_peak_gib(), base_gib=base, step_s=min(times[1:] or times), loss=m["loss"])
+    return dict(rank=ctx.rank, peak_gib=_peak_gib(), base_gib=base, step_s=min(times[1:] or times), loss=m["loss"],
+                first_step_s=times[0])
 
 
-def _plan(args: dict) -> float:
+def plan_gib(args: dict) -> float:
     import tc2
-    cfg = _cfg(args["seq"])
+    from tc2.layerwise import head_chunk_rows
+    cfg = _cfg(args)
     mesh = tc2.Mesh(dp=args["dp"], pp=args["pp"])
     k = args["batch"] // (args["micro"] * args["dp"])
+    layered = args["recompute"] != "none"                  # tc2.layerwise: GPipe, the head in row chunks
+    head_rows = head_chunk_rows(args["micro"] * args["seq"], cfg.vocab_size) if layered else None
     p = tc2.plan_memory(cfg, mesh, seq_len=args["seq"], micro_batch=args["micro"], recompute=args["recompute"],
                         micro_batches=k if args["pp"] > 1 else 1, zero=args["zero"], sequence_parallel=False,
-                        flash_attention=False)
+                        flash_attention=False, schedule="gpipe", head_rows=head_rows)
     return p.total / 2 ** 30
 
 
@@ -78,7 +83,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args: dict, timeout: int) -> List[dict]:
+def run_layout(args: dict, timeout: int) -> List[dict]:
     """The configuration in fresh processes: [per-rank result]."""
     n = args["dp"] * args["pp"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,9 +145,9 @@ def main(argv=None) -> int:
         print("-" * len(head))
         for g in groups:
             for args in CASES[g]:
-                res = _run({**args, "steps": steps}, timeout)
+                res = run_layout({**args, "steps": steps}, timeout)
                 top = max(res, key=lambda r: r["peak_gib"])
-                plan = _plan(args)
+                plan = plan_gib(args)
                 name = f"dp{args['dp']} pp{args['pp']}" + (" zero1" if args["zero"] else "")
                 print(f"{name:<18} {args['recompute']:<10} {args['batch']:>3}x{args['seq']:<5} {plan:>9.2f} "
                       f"{top['peak_gib']:>9.2f} {top['base_gib']:>9.2f} {top['peak_gib'] - top['base_gib']:>9.2f} "

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python recipes/benchmark.py {forward,train,decode,parallel} [flags]`.
+"""Benchmarks (not tests): `python recipes/benchmark.py {forward,train,decode,parallel,compile,memory,smoke} [flags]`.
 
 Each subcommand lives in its own module next to this file and prints a table of ratios against
 a reference measured in the same run (absolute times on shared machines are noise).
@@ -8,7 +8,7 @@ import os
 import sys
 
 SUBCOMMANDS = {"forward": "bench_forward", "train": "bench_train", "decode": "bench_decode", "parallel": "bench_parallel",
-               "compile": "bench_compile", "memory": "bench_memory"}
+               "compile": "bench_compile", "memory": "bench_memory", "smoke": "bench_smoke"}
 
 
 def main(argv=None):

@@ -1,10 +1,11 @@
 """Applying a step's gradients: dp x cp sums, the global norm, clipping, loss scaling, the optimizer.
 
-One compiled graph per PIECE of the model rather than one over the whole tree: the top-level
-tensors (embedding, final norm, lm_head) are one piece and every decoder layer is a piece of
-the same shape, so the layer's graphs compile once and serve every layer. An AdamW graph over
-the whole tree compiled in 15 s at 4 layers and 70 s at 32 on this machine; per piece it does
-not grow with depth, and it holds one layer's temporaries at a time.
+One compiled graph per PIECE of the model rather than one over the whole tree: each top-level
+tensor (embedding, final norm, lm_head) is a piece, the big ones applied in row chunks, and
+every decoder layer is a piece of the same shape, so the layer's graphs compile once and serve
+every layer. An AdamW graph over the whole tree compiled in 15 s at 4 layers and 70 s at 32 on
+this machine; per piece it does not grow with depth, and it holds one piece's temporaries at a
+time (MindSpore's CPU graphs keep all of a graph's elementwise temporaries to its end).
 
     reduce (each piece)  : sum over dp x cp, unscale, partial sums of squares (tp shards apart)
     decide (scalars)     : global norm (each tp shard counted once), clip factor, finiteness,
@@ -28,9 +29,11 @@ from tc2.context import ParallelContext
 from tc2.model import tp_sharded
 from tc2.optim import GradientTransformation, apply_updates
 from tc2.nn.ring import slot_all_reduce
-from tc2.tree import sum_squares, tree_map
+from tc2.tree import sum_squares, tree_leaves, tree_map
 
 TOP_KEYS = ("word_embeddings", "ln_f", "lm_head")
+APPLY_CHUNK = 1 << 21          # elements per optimizer call on a big tensor (8 MB float32) ...
+APPLY_PIECE = 1 << 23          # ... when its piece (a layer, a top-level tensor) is bigger than this
 
 
 class Decision(NamedTuple):
@@ -129,9 +132,11 @@ def _zero_whole(x, full_rows: int, ctx: ParallelContext):
 
 
 class _Graphs(NamedTuple):
-    reduce: dict               # per piece kind: "top", "layer" or "whole"
+    reduce: dict               # per piece kind: a top-level tensor's name, "layer" or "whole"
     decide: object
-    apply: object
+    apply: object              # the optimizer on a piece (ZeRO-1: on this rank's rows, gathered)
+    apply_rows: object         # the optimizer on rows the host cut (no ZeRO inside)
+    gather_rows: object        # ZeRO-1: the whole tensor from every rank's rows
 
 
 @forget_after_failure
@@ -178,10 +183,15 @@ def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, cli
                            "good_steps": ops.where(ok, ops.where(grow, 0, good), 0).astype(ms.int32)}
         return factor, ok, loss, gnorm, lr, scale_state
 
-    @ms.jit
-    def apply(params, grads, opt_state, factor, ok):
+    def make_apply(zero: bool):
+        @ms.jit
+        def apply(params, grads, opt_state, factor, ok):
+            return _update(params, grads, opt_state, factor, ok, zero)
+        return apply
+
+    def _update(params, grads, opt_state, factor, ok, zero):
         grads = tree_map(lambda g: g * factor, grads)
-        if ctx.zero_size > 1:                    # ZeRO-1: update this rank's rows, then gather them
+        if zero:                                 # ZeRO-1: update this rank's rows, then gather them
             rows = zero_slice(params, ctx)
             updates, new_state = update(zero_slice(grads, ctx), opt_state, rows)
             new_params = tree_map(lambda n, p: _zero_whole(n, p.shape[0], ctx), apply_updates(rows, updates),
@@ -191,7 +201,12 @@ def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, cli
             new_params = apply_updates(params, updates)
         return _keep_if(ok, (new_params, new_state), (params, opt_state))
 
-    return _Graphs({kind: make_reduce(m) for kind, m in masks.items()}, decide, apply)
+    @ms.jit
+    def gather_rows(x, full_rows):
+        return _zero_whole(x, full_rows, ctx)
+
+    return _Graphs({kind: make_reduce(m) for kind, m in masks.items()}, decide,
+                   make_apply(ctx.zero_size > 1), make_apply(False), gather_rows)
 
 
 def _masks(sharded, by_layer: bool) -> dict:
@@ -239,11 +254,134 @@ def apply_gradients(params, opt_state, scale_state, grads, loss_sum, inv_count, 
                                                         ms.mutable(s_pieces[0]))
     new_p, new_s = [], []
     for p, gr, s in zip(p_pieces, grad_pieces, s_pieces):
-        p2, s2 = g.apply(ms.mutable(p), ms.mutable(gr), ms.mutable(s), factor, ok)
+        if by_layer and _size(p) > APPLY_PIECE:
+            p2, s2 = _apply_small(g, p, gr, s, factor, ok, ctx)
+        else:
+            p2, s2 = g.apply(ms.mutable(p), ms.mutable(gr), ms.mutable(s), factor, ok)
         new_p.append(p2)
         new_s.append(s2)
     return (join(params, new_p, by_layer), join_state(opt_state, new_s, by_layer),
             Decision(factor, ok, loss, gnorm, lr, scale_state))
+
+
+def _size(tree) -> int:
+    return sum(int(x.size) for x in tree_leaves(tree))
+
+
+def _paths(tree, prefix=()):
+    """The paths (dict keys / tuple indices) to the leaves of a params-shaped tree."""
+    if isinstance(tree, dict):
+        return [q for k in tree for q in _paths(tree[k], prefix + (k,))]
+    if isinstance(tree, tuple):
+        return [q for i in range(len(tree)) for q in _paths(tree[i], prefix + (i,))]
+    return [prefix]
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _only(tree, path):
+    """`tree` with only the leaf at `path` (same nesting, so names and masks see the same name)."""
+    if not path:
+        return tree
+    k, rest = path[0], path[1:]
+    if isinstance(tree, tuple):
+        return tuple(_only(tree[i], rest) if i == k else () for i in range(len(tree)))
+    return {k: _only(tree[k], rest)}
+
+
+def _put(tree, path, leaf):
+    """A copy of `tree` with the leaf at `path` replaced."""
+    if not path:
+        return leaf
+    k, rest = path[0], path[1:]
+    if isinstance(tree, tuple):
+        return tuple(_put(tree[i], rest, leaf) if i == k else tree[i] for i in range(len(tree)))
+    return {**tree, k: _put(tree[k], rest, leaf)}
+
+
+def _state_map(fn, state, like):
+    """fn on each params-shaped part of an optimizer-state piece (those structured like the
+    params piece `like`); shared parts (a step count) as they are."""
+    if isinstance(state, dict) and set(state) == set(like):
+        return fn(state)
+    if isinstance(state, dict):
+        return {k: _state_map(fn, state[k], like) for k in state}
+    if isinstance(state, tuple):
+        return tuple(_state_map(fn, x, like) for x in state)
+    return state
+
+
+def chunk_bounds(rows: int, cols: int) -> List[tuple]:
+    """Row ranges [(a, b)] of about APPLY_CHUNK elements each, equal where the rows divide (one
+    compiled shape), else equal but the last."""
+    k = -(-rows * cols // APPLY_CHUNK)
+    for n in range(k, min(rows, 4 * k) + 1):
+        if rows % n == 0:
+            k = n
+            break
+    step = -(-rows // k)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _apply_small(g, p, gr, s, factor, ok, ctx: ParallelContext):
+    """The optimizer on a piece in calls of about APPLY_CHUNK elements: tensor by tensor, a big
+    tensor in row chunks.
+
+    MindSpore 2.10's CPU graphs keep every elementwise temporary of AdamW alive to the end of
+    the graph (~20 per tensor): one call on the [32000, 512] embedding peaked 3 GB above the
+    rest of the step (measured), a TeleChat2-7B layer would need ~20 GB. The update is
+    elementwise, so the result is the same. Under ZeRO-1 the chunks are of this rank's rows
+    (those its optimizer state holds), then every rank's rows are gathered."""
+    new_p, new_s = p, s
+    for path in _paths(p):
+        x = _get(p, path)
+        full_rows = x.shape[0] if x.ndim else 1
+        zero = x.ndim >= 1 and zero_rows(x.shape, ctx)
+        lp, lg = _only(p, path), _only(gr, path)
+        ls = _state_map(lambda part: _only(part, path), s, p)
+        if zero:                         # copies: a view into a bigger tensor is refused as graph input
+            lp, lg = (tree_map(lambda t: t.copy(), zero_slice(t, ctx)) for t in (lp, lg))
+        if x.size <= APPLY_CHUNK or x.ndim == 0:
+            bounds = [None]
+        else:
+            bounds = chunk_bounds(_get(lp, path).shape[0], x.size // full_rows)
+        outs = [g.apply_rows(*[ms.mutable(_rows(t, path, ab)) for t in (lp, lg)],
+                             ms.mutable(_state_map(lambda part: _rows(part, path, ab), ls, lp)), factor, ok)
+                for ab in bounds]
+        leaf = _glue([_get(o[0], path) for o in outs])
+        if zero:
+            leaf = g.gather_rows(leaf, full_rows)
+        new_p = _put(new_p, path, leaf)
+        new_s = _merge_state(new_s, [o[1] for o in outs], p, path)
+    return new_p, new_s
+
+
+def _rows(tree, path, ab):
+    """`tree` with rows [a, b) of its leaf at `path` (a copy: MindSpore 2.10 refuses a view
+    into a bigger tensor as a graph input, "Invalid host tensor size ... for pyexecute")."""
+    if ab is None:
+        return tree
+    return _put(tree, path, _get(tree, path)[ab[0]:ab[1]].copy())
+
+
+def _glue(parts):
+    return parts[0] if len(parts) == 1 else ops.concat(parts)
+
+
+def _merge_state(new_s, chunk_states, like, path):
+    """Write the leaf at `path` of each params-shaped part, glued from the chunks' states, into
+    `new_s`; shared parts (the step count, the same in every chunk) from the first chunk."""
+    if isinstance(new_s, dict) and set(new_s) == set(like):
+        return _put(new_s, path, _glue([_get(c, path) for c in chunk_states]))
+    if isinstance(new_s, dict):
+        return {k: _merge_state(new_s[k], [c[k] for c in chunk_states], like, path) for k in new_s}
+    if isinstance(new_s, tuple):
+        return tuple(_merge_state(new_s[i], [c[i] for c in chunk_states], like, path) for i in range(len(new_s)))
+    return chunk_states[0]
 
 
 def _kind(piece, by_layer: bool) -> str:

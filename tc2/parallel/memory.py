@@ -15,7 +15,9 @@ Formula (bytes per device of pipeline stage s; P_s = parameters the device holds
 
 with Zk = dp*cp when the ZeRO stage `zero` >= k (optimizer state / grads / weights sharded over
 the gradient-reduction group, like MindSpore's parallel optimizer), else 1;
-in_flight(s) = min(pp - s, micro_batches) micro batches (1F1B schedule; 1 without pp).
+in_flight(s) = min(pp - s, micro_batches) micro batches under a 1F1B schedule (MindSpore's
+pipeline on Ascend), micro_batches under GPipe (what tc2's layer-by-layer step executes: every
+micro-batch forward, then every backward); 1 without pp.
 
 Per layer and micro batch, with N = micro_batch * seq_len / cp local tokens, h hidden, F ffn,
 Nq/Nkv heads of size D, c = bytes of the compute dtype, t = tp, t_sp = tp under sequence
@@ -29,9 +31,12 @@ parallelism else 1, the tensors kept for backward are:
                     else  -> softmax probs         N*Nq/t*seq_len*(4 + c)   (f32 + cast copy)
     SwiGLU: gate, up, silu(gate), gate*up         4 * N*F*c / t
 
-recompute="selective" recomputes the attention core and silu/product (keeps gate, up, lse);
+recompute="selective" (tc2.layer) keeps the two residual-stream inputs, q/k/v, the attention
+output, gate and up, and recomputes the norms, the attention core and silu/product;
 recompute="full" keeps only each layer's input, N*h*4/t_sp. A_extra on the last stage is the
-ln_f input/output and the logits kept for the loss, N*h*(4+c)/t_sp + N*V/t*(c + 4).
+ln_f input/output and the logits kept for the loss, N*h*(4+c)/t_sp + N_head*V/t*(c + 4), with
+N_head = N, or the rows of one head call when the head runs in row chunks (`head_rows`, as
+tc2's layer-by-layer step does).
 Not counted: framework workspace, communication buffers, fragmentation: keep headroom.
 """
 from __future__ import annotations
@@ -106,10 +111,10 @@ def layer_activation_bytes(cfg: ModelConfig, mesh: Mesh, seq_len: int, micro_bat
     nq, nkv = cfg.n_head, cfg.num_key_value_heads
     if recompute == "full":
         return N * h * 4 // t_sp
-    norms = 2 * N * h * 4 // t_sp + 2 * N * h * c // t_sp
+    norms = 2 * N * h * 4 // t_sp + (0 if recompute == "selective" else 2 * N * h * c // t_sp)
     qkv = N * (nq + 2 * nkv) * D * c // t
     attn_out = N * nq * D * c // t
-    lse = N * nq // t * 4
+    lse = 0 if recompute == "selective" else N * nq // t * 4
     probs = 0 if flash_attention or recompute == "selective" else N * nq // t * seq_len * (4 + c)
     mlp = (2 if recompute == "selective" else 4) * N * F * c // t
     return norms + qkv + attn_out + lse + probs + mlp
@@ -118,7 +123,8 @@ def layer_activation_bytes(cfg: ModelConfig, mesh: Mesh, seq_len: int, micro_bat
 def plan_memory(cfg: ModelConfig, mesh: Mesh, seq_len: int, micro_batch: int = 1, *,
                 recompute: str = "none", micro_batches: int = 1, sequence_parallel: bool = True,
                 flash_attention: bool = True, zero: int = 0, param_dtype: str = "float32",
-                grad_dtype: str = None, device_bytes: int = 64 * GiB) -> MemoryPlan:
+                grad_dtype: str = None, device_bytes: int = 64 * GiB, schedule: str = "1f1b",
+                head_rows: int = None) -> MemoryPlan:
     """Per-device bytes for weights, grads, AdamW state and activations (formula: module doc).
 
     param_dtype is what the weights are stored in (tc2 keeps float32 masters; with a 16-bit
@@ -127,6 +133,8 @@ def plan_memory(cfg: ModelConfig, mesh: Mesh, seq_len: int, micro_batch: int = 1
     state (1), grads (2) and weights (3) over dp*cp.
     """
     check_mesh(cfg, mesh)
+    if schedule not in ("1f1b", "gpipe"):
+        raise ValueError(f"schedule must be '1f1b' or 'gpipe', got {schedule!r}")
     if not 0 <= zero <= 3:
         raise ValueError(f"zero must be 0..3, got {zero}")
     for name, dt in (("param_dtype", param_dtype), ("grad_dtype", grad_dtype or param_dtype)):
@@ -145,7 +153,8 @@ def plan_memory(cfg: ModelConfig, mesh: Mesh, seq_len: int, micro_batch: int = 1
     c = _BYTES[cfg.dtype]
     N = micro_batch * seq_len // mesh.cp
     t_sp = mesh.tp if sequence_parallel else 1
-    last_extra = N * cfg.hidden_size * (4 + c) // t_sp + N * cfg.vocab_size // mesh.tp * (c + 4)
+    n_head = N if head_rows is None else min(N, head_rows)
+    last_extra = N * cfg.hidden_size * (4 + c) // t_sp + n_head * cfg.vocab_size // mesh.tp * (c + 4)
 
     plans = []
     for stage in range(mesh.pp):
@@ -153,7 +162,7 @@ def plan_memory(cfg: ModelConfig, mesh: Mesh, seq_len: int, micro_batch: int = 1
         local = local_param_specs(cfg, mesh, rank)
         P = sum(s.size for s in tree_leaves(local))
         n_layers = len(local["layers"])
-        in_flight = min(mesh.pp - stage, micro_batches)
+        in_flight = min(mesh.pp - stage, micro_batches) if schedule == "1f1b" or mesh.pp == 1 else micro_batches
         extra = last_extra if stage == mesh.pp - 1 else 0
         act = in_flight * (n_layers * a_layer + extra) + a_transient
         master = 4 if param_dtype != "float32" else 0

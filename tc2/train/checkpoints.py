@@ -5,9 +5,10 @@
         optimizer.safetensors                                 -- optimizer state, by tree name
         state.json                                            -- step, loss scale, data cursor,
                                                                  configs, file sizes
-One format at every scale: under msrun each tensor-parallel shard (its dp = cp = 0 replica)
-writes its parameters and optimizer state to `.shards-step_N/rank_{tp}/`, and rank 0 merges
-them tensor by tensor into the same full directory a single process writes, so `load_hf`,
+One format at every scale: under msrun each process holding a part nobody else holds (a tp
+slice or pipeline stage: its dp = cp = 0 replica; under ZeRO-1 each rank's optimizer rows)
+writes it to `.shards-step_N/rank_{r}/` with a `shard.json` saying which part, and rank 0
+merges them tensor by tensor into the same full directory a single process writes, so `load_hf`,
 `predict.py` and the official code read it, and a run resumes from it under any layout (each
 process reads every tensor and keeps its slice). A checkpoint is written into a hidden temp
 directory next to its final name, flushed, and renamed into place, so a crash never leaves a

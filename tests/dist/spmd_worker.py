@@ -10,6 +10,8 @@ own mesh over all workers):
         checkpoint written per rank, merged by rank 0 and loaded back as HF weights
   cp    Mesh(cp=N): ring attention through the all-reduce rotation: logits, loss, gradients
   tpcp  Mesh(tp=2, cp=N/2): one train step
+  dpzero Mesh(dp=N) with ZeRO-1, the optimizer applied tensor by tensor in uneven row chunks
+        (tc2.update's limits set small): two train steps == the one-process train_step
 """
 import os
 import sys
@@ -136,6 +138,17 @@ def run_fp16(params, mesh, ctx, prefix):
     return out
 
 
+def run_zero_chunked(params, b0, b1, ctx, res):
+    import tc2.update as update
+    update.APPLY_PIECE, update.APPLY_CHUNK = 0, 900          # each rank: its 256 of 512 embedding rows in 32 calls
+    st = init_train_state(params, OPT, ctx=ctx)
+    for step, b in ((1, b0), (2, b1)):
+        st, m = train_step(st, b, CFG, OPT, clip_norm=CLIP, ctx=ctx)
+        res.update(flat(st.params, f"dpzero_step{step}"))
+        res[f"dpzero/m{step}"] = np.array([m["loss"], m["grad_norm"]])
+    res.update(flat(st.opt_state, "dpzero_opt"))
+
+
 def main():
     out_dir, cases = sys.argv[1], sys.argv[2].split(",")
     from mindspore.communication import get_group_size, get_rank, init
@@ -155,8 +168,11 @@ def main():
     for case in cases:
         t0 = time.perf_counter()
         mesh = {"dp": Mesh(dp=world), "dp16": Mesh(dp=world), "tp": Mesh(tp=world), "cp": Mesh(cp=world),
-                "tpcp": Mesh(tp=2, cp=world // 2)}[case]
-        ctx = spmd_context(mesh)
+                "tpcp": Mesh(tp=2, cp=world // 2), "dpzero": Mesh(dp=world)}[case]
+        ctx = spmd_context(mesh, zero=1 if case == "dpzero" else 0)
+        if case == "dpzero":
+            run_zero_chunked(params, b0, b1, ctx, res)
+            continue
         if case == "dp16":
             res.update(run_fp16(params, mesh, ctx, "dp16"))
             continue

@@ -98,7 +98,7 @@ class _Job:
         return self.result
 
 
-_TWO, _FOUR = _Job(2, "tp,cp,dp,dp16"), _Job(4, "tpcp")
+_TWO, _FOUR = _Job(2, "tp,cp,dp,dp16,dpzero"), _Job(4, "tpcp")
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,21 @@ def test_dp2_train_steps_equal_single_process(two):
                          f"dp=2 params after step {step}")
             np.testing.assert_allclose(res[f"dp/m{step}"], ref[f"ref/m{step}"], rtol=1e-5,
                                        err_msg="(loss, grad_norm)")
+
+
+def test_dp2_zero1_chunked_apply_equals_single_process(two):
+    """ZeRO-1 with every tensor updated in uneven row chunks of this rank's rows, then gathered:
+    the same parameters as one process; each rank's Adam moments are its half of the rows."""
+    ref = two[0]
+    for r in (0, 1):
+        res = two[r]
+        for step in (1, 2):
+            _check_local(_group(res, f"dpzero_step{step}"), _group(ref, f"ref_step{step}"), Mesh(dp=2), r,
+                         f"dp=2 ZeRO-1 params after step {step}")
+            np.testing.assert_allclose(res[f"dpzero/m{step}"], ref[f"ref/m{step}"], rtol=1e-5)
+        mu = _group(res, "dpzero_opt")
+        emb = [k for k in mu if k.endswith("word_embeddings") and "mu" in k]
+        assert emb and mu[emb[0]].shape[0] == CFG.vocab_size // 2, {k: v.shape for k, v in mu.items()}
 
 
 def test_dp2_float16_loss_scaling_equals_single_process(two):
