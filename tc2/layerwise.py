@@ -26,7 +26,7 @@ from tc2.context import ParallelContext
 from tc2.layer import decoder_layer, layer_backward_full, layer_backward_selective
 from tc2.model import cross_entropy_sum, embed, head as head_logits, head_loss_sum
 from tc2.nn import rope_cos_sin
-from tc2.tree import tree_map
+from tc2.tree import tree_leaves, tree_map, tree_unflatten
 
 
 class _Graphs(NamedTuple):
@@ -77,19 +77,19 @@ def compiled_graphs(cfg: ModelConfig, ctx: ParallelContext, recompute: str) -> _
     @ms.jit
     def head(top, acc, x, labels, weight):
         (_, loss_sum), (dtop, dx) = head_grad(top, x, labels, weight)
-        return loss_sum, _add(acc, dtop), dx
+        return loss_sum, tree_leaves(_add(acc, dtop)), dx             # flat: tc2.tree.leaves_like
 
     @ms.jit
     def layer_bwd(p, acc, x, saved, cos, sin, positions, segment_ids, dy):
         dx, dp = layer_backward_selective(p, x, saved, cos, sin, positions, segment_ids, dy, cfg, ctx)
-        return dx, _add(acc, dp)
+        return dx, tree_leaves(_add(acc, dp))
 
     full_grad = layer_backward_full(cfg, ctx)
 
     @ms.jit
     def layer_bwd_recompute(p, acc, x, cos, sin, positions, segment_ids, dy):
         dp, dx = full_grad(p, x, cos, sin, positions, segment_ids, dy)
-        return dx, _add(acc, dp)
+        return dx, tree_leaves(_add(acc, dp))
 
     def embed_dot(table, tokens, dx):
         return (embed(table, tokens, ctx) * dx).sum()
@@ -165,7 +165,8 @@ def _head_backward(g, top, acc_top, x, labels, weight, cfg, ctx):
     rows = head_chunk_rows(B * T, cfg.vocab_size // ctx.tp)
     loss_sum, dxs = ms.Tensor(0.0, ms.float32), []
     for xc, lc in _chunks(x, labels, rows):
-        s, acc_top, dx = g.head(ms.mutable(top), ms.mutable(acc_top), xc, lc, weight)
+        s, leaves, dx = g.head(ms.mutable(top), ms.mutable(acc_top), xc, lc, weight)
+        acc_top = tree_unflatten(acc_top, leaves)
         loss_sum, dxs = loss_sum + s, dxs + [dx]
     dx = dxs[0] if len(dxs) == 1 else ops.concat(dxs)
     return loss_sum, acc_top, dx[:B * T].reshape(B, T, H)
@@ -220,8 +221,9 @@ def _backward(g, params, acc_layers, acc_emb, st: _Stash, cfg, ctx, selective):
         dx = ctx.pp_pass(ctx.pp_rank, ops.zeros(_act_shape(st.part, cfg), ms.float32))
     for i in reversed(range(len(params["layers"]))):
         extra = (st.saves[i],) if selective else ()
-        dx, acc_layers[i] = g.layer_bwd(ms.mutable(params["layers"][i]), ms.mutable(acc_layers[i]), st.inputs[i],
-                                        *extra, st.cos, st.sin, positions, segment_ids, dx)
+        dx, leaves = g.layer_bwd(ms.mutable(params["layers"][i]), ms.mutable(acc_layers[i]), st.inputs[i],
+                                 *extra, st.cos, st.sin, positions, segment_ids, dx)
+        acc_layers[i] = tree_unflatten(acc_layers[i], leaves)
         st.inputs[i] = None                                 # free this layer's activations now
         if selective:
             st.saves[i] = None

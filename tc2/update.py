@@ -29,7 +29,7 @@ from tc2.context import ParallelContext
 from tc2.model import tp_sharded
 from tc2.optim import GradientTransformation, apply_updates
 from tc2.nn.ring import slot_all_reduce
-from tc2.tree import sum_squares, tree_leaves, tree_map
+from tc2.tree import leaves_like, sum_squares, tree_leaves, tree_map, tree_unflatten
 
 TOP_KEYS = ("word_embeddings", "ln_f", "lm_head")
 APPLY_CHUNK = 1 << 21          # elements per optimizer call on a big tensor (8 MB float32) ...
@@ -139,26 +139,30 @@ class _Graphs(NamedTuple):
     gather_rows: object        # ZeRO-1: the whole tensor from every rank's rows
 
 
-@forget_after_failure
-def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, clip_norm: Optional[float],
-                    ctx: ParallelContext, by_layer: bool) -> _Graphs:
+class Bodies(NamedTuple):
+    """The graph code of an update, unjitted: compiled per piece by `compiled_update`, or
+    inlined whole into one train-step graph (`finish`, tc2.step's unrolled step)."""
+    reduce: object
+    decide: object
+    update: object
+    finish: object
+
+
+def bodies(cfg: ModelConfig, optimizer: GradientTransformation, ls, clip_norm: Optional[float],
+           ctx: ParallelContext) -> Bodies:
     update, current_lr = optimizer.update, optimizer.learning_rate     # graph mode: no attributes
     sharded = tp_sharded(cfg) if ctx.tp > 1 else None
     reduce_dpcp = ctx.dp * ctx.cp > 1 and not ctx.folded
-    masks = _masks(sharded, by_layer)
 
-    def make_reduce(mask):
-        @ms.jit
-        def reduce(grads, inv_scale):
-            if reduce_dpcp:
-                grads = tree_map(ctx.sum_dpcp, grads)
-            grads = tree_map(lambda g: g * inv_scale, grads)
-            if mask is None:
-                return grads, sum_squares(grads, None, True), ms.Tensor(0.0, ms.float32)
-            return grads, sum_squares(grads, mask, True), sum_squares(grads, mask, False)
-        return reduce
+    def reduce(grads, inv_scale, mask):
+        """Sum over dp x cp, unscale, (squares of tp-split tensors, squares of the others)."""
+        if reduce_dpcp:
+            grads = tree_map(ctx.sum_dpcp, grads)
+        grads = tree_map(lambda g: g * inv_scale, grads)
+        if mask is None:
+            return grads, sum_squares(grads, None, True), ms.Tensor(0.0, ms.float32)
+        return grads, sum_squares(grads, mask, True), sum_squares(grads, mask, False)
 
-    @ms.jit
     def decide(sq_split, sq_rest, loss_sum, inv_count, scale_state, opt_state):
         if sharded is not None:
             sq_split = ctx.sum_tp(sq_split.reshape(1))[0]                # tp shards, each counted once
@@ -183,13 +187,7 @@ def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, cli
                            "good_steps": ops.where(ok, ops.where(grow, 0, good), 0).astype(ms.int32)}
         return factor, ok, loss, gnorm, lr, scale_state
 
-    def make_apply(zero: bool):
-        @ms.jit
-        def apply(params, grads, opt_state, factor, ok):
-            return _update(params, grads, opt_state, factor, ok, zero)
-        return apply
-
-    def _update(params, grads, opt_state, factor, ok, zero):
+    def apply(params, grads, opt_state, factor, ok, zero):
         grads = tree_map(lambda g: g * factor, grads)
         if zero:                                 # ZeRO-1: update this rank's rows, then gather them
             rows = zero_slice(params, ctx)
@@ -201,11 +199,41 @@ def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, cli
             new_params = apply_updates(params, updates)
         return _keep_if(ok, (new_params, new_state), (params, opt_state))
 
+    def finish(params, opt_state, scale_state, grads, loss_sum, inv_count):
+        """The whole update in one graph (no ZeRO) -> (params, opt_state, Decision fields)."""
+        inv_scale = inv_count * 0.0 + 1.0 if scale_state is None else 1.0 / scale_state["scale"]
+        grads, a, b = reduce(grads, inv_scale, sharded)
+        factor, ok, loss, gnorm, lr, new_scale = decide(a, b, loss_sum, inv_count, scale_state, opt_state)
+        params, opt_state = apply(params, grads, opt_state, factor, ok, False)
+        return params, opt_state, (factor, ok, loss, gnorm, lr, new_scale)          # host: Decision(*...)
+
+    return Bodies(reduce, decide, apply, finish)
+
+
+@forget_after_failure
+def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, clip_norm: Optional[float],
+                    ctx: ParallelContext, by_layer: bool) -> _Graphs:
+    reduce_body, decide, update_body, _ = bodies(cfg, optimizer, ls, clip_norm, ctx)   # graph mode: no attributes
+    masks = _masks(tp_sharded(cfg) if ctx.tp > 1 else None, by_layer)
+
+    def make_reduce(mask):
+        @ms.jit
+        def reduce(grads, inv_scale):                          # flat out: tree.leaves_like
+            grads, a, c = reduce_body(grads, inv_scale, mask)
+            return tree_leaves(grads), a, c
+        return reduce
+
+    def make_apply(zero: bool):
+        @ms.jit
+        def apply(params, grads, opt_state, factor, ok):
+            return leaves_like(update_body(params, grads, opt_state, factor, ok, zero), (params, opt_state))
+        return apply
+
     @ms.jit
     def gather_rows(x, full_rows):
         return _zero_whole(x, full_rows, ctx)
 
-    return _Graphs({kind: make_reduce(m) for kind, m in masks.items()}, decide,
+    return _Graphs({kind: make_reduce(m) for kind, m in masks.items()}, ms.jit(decide),
                    make_apply(ctx.zero_size > 1), make_apply(False), gather_rows)
 
 
@@ -245,8 +273,8 @@ def apply_gradients(params, opt_state, scale_state, grads, loss_sum, inv_count, 
     inv_scale = inv_count * 0.0 + 1.0 if scale_state is None else 1.0 / scale_state["scale"]
     grad_pieces, sq_split, sq_rest = [], ms.Tensor(0.0, ms.float32), ms.Tensor(0.0, ms.float32)
     for piece in split(grads, by_layer):
-        reduced, a, b = g.reduce[_kind(piece, by_layer)](ms.mutable(piece), inv_scale)
-        grad_pieces.append(reduced)
+        leaves, a, b = g.reduce[_kind(piece, by_layer)](ms.mutable(piece), inv_scale)
+        grad_pieces.append(tree_unflatten(piece, leaves))
         sq_split, sq_rest = sq_split + a, sq_rest + b
     p_pieces, s_pieces = split(params, by_layer), split_state(opt_state, len(grad_pieces), by_layer)
     factor, ok, loss, gnorm, lr, scale_state = g.decide(sq_split, sq_rest, loss_sum, inv_count,
@@ -257,7 +285,7 @@ def apply_gradients(params, opt_state, scale_state, grads, loss_sum, inv_count, 
         if by_layer and _size(p) > APPLY_PIECE:
             p2, s2 = _apply_small(g, p, gr, s, factor, ok, ctx)
         else:
-            p2, s2 = g.apply(ms.mutable(p), ms.mutable(gr), ms.mutable(s), factor, ok)
+            p2, s2 = tree_unflatten((p, s), g.apply(ms.mutable(p), ms.mutable(gr), ms.mutable(s), factor, ok))
         new_p.append(p2)
         new_s.append(s2)
     return (join(params, new_p, by_layer), join_state(opt_state, new_s, by_layer),
@@ -349,9 +377,10 @@ def _apply_small(g, p, gr, s, factor, ok, ctx: ParallelContext):
             bounds = [None]
         else:
             bounds = chunk_bounds(_get(lp, path).shape[0], x.size // full_rows)
-        outs = [g.apply_rows(*[ms.mutable(_rows(t, path, ab)) for t in (lp, lg)],
-                             ms.mutable(_state_map(lambda part: _rows(part, path, ab), ls, lp)), factor, ok)
-                for ab in bounds]
+        outs = []
+        for ab in bounds:
+            cp, cg, cs = _rows(lp, path, ab), _rows(lg, path, ab), _state_map(lambda part: _rows(part, path, ab), ls, lp)
+            outs.append(tree_unflatten((cp, cs), g.apply_rows(ms.mutable(cp), ms.mutable(cg), ms.mutable(cs), factor, ok)))
         leaf = _glue([_get(o[0], path) for o in outs])
         if zero:
             leaf = g.gather_rows(leaf, full_rows)

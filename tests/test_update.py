@@ -46,3 +46,23 @@ def test_chunk_bounds_cover_the_rows_once(monkeypatch):
         assert b[0][0] == 0 and b[-1][1] == rows
         assert all(x[1] == y[0] for x, y in zip(b, b[1:]))
         assert all((hi - lo) * cols <= max(update.APPLY_CHUNK, cols) for lo, hi in b)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_unrolled_step_equals_the_layer_by_layer_step(micro):
+    """recompute "none" updates in one graph (fused with the gradients for one micro-batch, after
+    accumulation for several); "selective" piece by piece: same parameters and moments."""
+    from tc2.step import split_micro_batches
+    opt = adamw(1e-2, eps=1e-4, weight_decay=0.1)            # eps: no sign(g) steps on tiny gradients
+    out = {}
+    for mode in ("none", "selective"):
+        state = tc2.init_train_state(tc2.init_params(CFG, seed=2), opt)
+        data = synthetic_batches(CFG, 4, 32, seed=1)
+        for _ in range(2):
+            b = next(data)
+            state, m = tc2.train_step(state, split_micro_batches(b, micro) if micro > 1 else b, CFG, opt,
+                                      clip_norm=0.5, recompute=mode)
+        out[mode] = tree_flatten_with_names({"params": state.params, "opt": state.opt_state})
+    for n in out["none"]:
+        np.testing.assert_allclose(out["selective"][n].asnumpy(), out["none"][n].asnumpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=n)

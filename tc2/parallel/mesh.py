@@ -119,7 +119,8 @@ class ParallelConfig:
     cp: int = 1                               # context (sequence-sharded ring attention)
     micro_batches: int = 1                    # pipeline micro batches (MF micro_batch_num)
     sequence_parallel: bool = False           # shard norm/residual activations over tp
-    recompute: str = "selective"              # "none" (one unrolled graph) | "selective" | "full" (layer by layer)
+    recompute: str = "auto"                   # "none" (one unrolled graph) | "selective" | "full" (layer by
+                                              # layer) | "auto": none for small models (tc2.step.resolve_recompute)
     zero: int = 0                             # optimizer-state sharding stage over dp (MF parallel optimizer: 1)
 
     def __post_init__(self):
@@ -127,8 +128,8 @@ class ParallelConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"parallel.{name} must be an int >= 1, got {v!r}")
-        if self.recompute not in ("none", "selective", "full"):
-            raise ValueError(f"parallel.recompute must be none/selective/full, got {self.recompute!r}")
+        if self.recompute not in ("auto", "none", "selective", "full"):
+            raise ValueError(f"parallel.recompute must be auto/none/selective/full, got {self.recompute!r}")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero must be 0-3, got {self.zero}")
 
