@@ -101,7 +101,9 @@ def run_layout(args: dict, timeout: int) -> List[dict]:
         for r in range(n):
             path = out.format(rank=r)
             if not os.path.isfile(path):
-                raise RuntimeError(f"{args}: rank {r} wrote nothing (exit {proc.returncode})\n{proc.stderr[-1500:]}")
+                log = os.path.join(tmp, "log", f"worker_{r}.log")
+                tail = open(log, errors="replace").read()[-3000:] if os.path.isfile(log) else proc.stderr[-3000:]
+                raise RuntimeError(f"{args}: rank {r} wrote nothing (exit {proc.returncode})\n{tail}")
             with open(path) as f:
                 results.append(json.load(f))
         return results
