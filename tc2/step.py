@@ -16,13 +16,18 @@ micro-batches. The loss is sum(token losses over all micro-batches) / (loss toke
 micro-batches): the token count is taken on the host first, so every micro-batch's gradient is
 already divided by the global count and accumulating them is a plain sum (not a mean of means).
 
-Compilation (MINDSPORE_NOTES §1, §9): with k = 1 the whole step (value_and_grad over the
-parameter dict, clipping, AdamW, loss scaling) is one graph. With k > 1 a gradient graph runs k
-times (accumulating into a float32 gradient tree) and an apply graph finishes the step:
-separate calls hold one micro-batch's activations at a time (the point of accumulating), and a
-graph-mode `for` carrying the gradient dict silently returned None in MindSpore 2.10. Graphs
-are cached per (config, optimizer, loss-scale options, clip, context); state trees are wrapped
-in `ms.mutable`, so new tensors every step never recompile.
+Compilation (MINDSPORE_NOTES §1, §9), two ways (`recompute`, see `resolve_recompute`):
+* unrolled ("none"; "auto" for a small model): with k = 1 the whole step (value_and_grad over
+  the parameter dict, clipping, AdamW, loss scaling) is one graph; with k > 1 a gradient graph
+  runs k times (accumulating into a float32 gradient tree) and an update graph finishes the
+  step: separate calls hold one micro-batch's activations at a time (the point of
+  accumulating), and a graph-mode `for` carrying the gradient dict silently returned None in
+  MindSpore 2.10;
+* layer by layer ("selective" / "full"; "auto" for anything bigger, always with pipeline stages
+  or ZeRO-1): the gradients from one compiled layer driven over the layers (`tc2.layerwise`),
+  the update piece by piece (`tc2.update`), so compile time does not grow with depth.
+Graphs are cached per (config, optimizer, loss-scale options, clip, context); state trees are
+wrapped in `ms.mutable`, so new tensors every step never recompile.
 
 Mixed precision: parameters, gradients and optimizer state are float32; forward/backward run
 in cfg.dtype. For float16 a dynamic loss scale multiplies the loss; a step whose gradients are
