@@ -41,7 +41,6 @@ __all__ = ["generate", "generate_ids", "generate_batched", "stream_text", "Promp
            "pack_prompts", "compiled_steps", "prompt_bucket"]
 
 _STEP_QUANTUM = 64          # the new-token part of the cache is rounded up to this
-LAYERED_FROM = 1            # layers from which generation runs layer by layer (see default_layered)
 
 
 def prompt_bucket(n: int) -> int:
@@ -222,7 +221,7 @@ def generate(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
              sampling: Optional[SamplingConfig] = None, stop_ids: Sequence[int] = (2,),
              seed: int = 0, max_len: Optional[int] = None, include_stop: bool = False,
              vocab_limit: Optional[int] = None, ctx: ParallelContext = LOCAL,
-             layered: Optional[bool] = None) -> Iterator[Tuple[Optional[int], ...]]:
+             layered: bool = True) -> Iterator[Tuple[Optional[int], ...]]:
     """Stream new tokens for a batch of prompts (lists of token ids of any lengths).
 
     Yields once per step a tuple with one entry per prompt: the row's new token id, or None
@@ -237,7 +236,9 @@ def generate(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
     prompt that does not fit in max_len (default cfg.seq_length) raises ValueError.
     ctx: under tensor parallelism, params are this process's shards (every process of the tp
     group calls this with the same arguments and gets the same tokens).
-    layered: run the step layer by layer (see `compiled_steps`); None: `default_layered(cfg)`.
+    layered: run the step layer by layer (see `compiled_steps`): compile time independent of
+    depth, and at every depth measured (`benchmark.py compile`) as fast per token as the unrolled
+    graph or faster; False: one unrolled graph per step.
     """
     if ctx.cp > 1 or ctx.pp > 1:
         raise ValueError("generation runs without context or pipeline parallelism (cp and pp must be 1)")
@@ -250,14 +251,7 @@ def generate(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
     if max_new_tokens == 0:
         return iter(())
     limit = None if vocab_limit is None or int(vocab_limit) >= cfg.vocab_size else int(vocab_limit)
-    layered = default_layered(cfg) if layered is None else bool(layered)
-    return _stream(params, cfg, batch, sampling, stop, int(seed), bool(include_stop), limit, ctx, layered)
-
-
-def default_layered(cfg: ModelConfig) -> bool:
-    """Whether generation runs layer by layer by default: from LAYERED_FROM layers on, where the
-    unrolled graph's compile time (growing faster than depth) outweighs the per-layer host calls."""
-    return cfg.n_layer >= LAYERED_FROM
+    return _stream(params, cfg, batch, sampling, stop, int(seed), bool(include_stop), limit, ctx, bool(layered))
 
 
 def _stream(params, cfg, batch: PromptBatch, sampling, stop, seed, include_stop, vocab_limit, ctx, layered):
@@ -299,7 +293,7 @@ def generate_ids(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
                  sampling: Optional[SamplingConfig] = None, stop_ids: Sequence[int] = (2,),
                  seed: int = 0, max_len: Optional[int] = None, include_stop: bool = False,
                  vocab_limit: Optional[int] = None, ctx: ParallelContext = LOCAL,
-                 layered: Optional[bool] = None) -> List[List[int]]:
+                 layered: bool = True) -> List[List[int]]:
     """The new tokens of each prompt as lists (stop ids excluded unless include_stop);
     the arguments are those of `generate`."""
     rows: List[List[int]] = [[] for _ in range(len(prompts))]
