@@ -274,8 +274,7 @@ def _local_micro_batches(batch: dict, ctx: ParallelContext, vocab_size: int):
 def _accumulate(params, parts, cfg: ModelConfig, ctx: ParallelContext, weight, recompute: str):
     """(sum over micro-batches of d(weight * loss_sum)/d params, float32; local loss_sum):
     one unrolled graph for the whole model (recompute "none"), or layer by layer."""
-    if recompute not in RECOMPUTE:
-        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    recompute = resolve_recompute(recompute, cfg, ctx)
     if recompute != "none":
         return layerwise_grads(params, parts, weight, cfg, ctx, recompute)
     if ctx.pp > 1:

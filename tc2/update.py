@@ -331,16 +331,17 @@ def _put(tree, path, leaf):
     return {**tree, k: _put(tree[k], rest, leaf)}
 
 
-def _state_map(fn, state, like):
-    """fn on each params-shaped part of an optimizer-state piece (those structured like the
-    params piece `like`); shared parts (a step count) as they are."""
+def _state_map(fn, like, state, *rest):
+    """fn(part, *matching parts of `rest`) on each params-shaped part of an optimizer-state piece
+    (structured like the params piece `like`); a shared part (the step count) is taken from the
+    first of `rest` (the chunks' states, each with the same count), or kept."""
     if isinstance(state, dict) and set(state) == set(like):
-        return fn(state)
+        return fn(state, *rest)
     if isinstance(state, dict):
-        return {k: _state_map(fn, state[k], like) for k in state}
+        return {k: _state_map(fn, like, state[k], *[r[k] for r in rest]) for k in state}
     if isinstance(state, tuple):
-        return tuple(_state_map(fn, x, like) for x in state)
-    return state
+        return tuple(_state_map(fn, like, state[i], *[r[i] for r in rest]) for i in range(len(state)))
+    return rest[0] if rest else state
 
 
 def chunk_bounds(rows: int, cols: int) -> List[tuple]:
@@ -370,22 +371,23 @@ def _apply_small(g, p, gr, s, factor, ok, ctx: ParallelContext):
         full_rows = x.shape[0] if x.ndim else 1
         zero = x.ndim >= 1 and zero_rows(x.shape, ctx)
         lp, lg = _only(p, path), _only(gr, path)
-        ls = _state_map(lambda part: _only(part, path), s, p)
+        ls = _state_map(lambda part: _only(part, path), p, s)
         if zero:                         # copies: a view into a bigger tensor is refused as graph input
-            lp, lg = (tree_map(lambda t: t.copy(), zero_slice(t, ctx)) for t in (lp, lg))
+            lp, lg = (tree_map(lambda x: x.copy(), zero_slice(tree, ctx)) for tree in (lp, lg))
         if x.size <= APPLY_CHUNK or x.ndim == 0:
             bounds = [None]
         else:
             bounds = chunk_bounds(_get(lp, path).shape[0], x.size // full_rows)
         outs = []
         for ab in bounds:
-            cp, cg, cs = _rows(lp, path, ab), _rows(lg, path, ab), _state_map(lambda part: _rows(part, path, ab), ls, lp)
+            cp, cg, cs = _rows(lp, path, ab), _rows(lg, path, ab), _state_map(lambda part: _rows(part, path, ab), lp, ls)
             outs.append(tree_unflatten((cp, cs), g.apply_rows(ms.mutable(cp), ms.mutable(cg), ms.mutable(cs), factor, ok)))
         leaf = _glue([_get(o[0], path) for o in outs])
         if zero:
             leaf = g.gather_rows(leaf, full_rows)
         new_p = _put(new_p, path, leaf)
-        new_s = _merge_state(new_s, [o[1] for o in outs], p, path)
+        new_s = _state_map(lambda part, *chunks: _put(part, path, _glue([_get(c, path) for c in chunks])),
+                           p, new_s, *[o[1] for o in outs])
     return new_p, new_s
 
 
@@ -399,18 +401,6 @@ def _rows(tree, path, ab):
 
 def _glue(parts):
     return parts[0] if len(parts) == 1 else ops.concat(parts)
-
-
-def _merge_state(new_s, chunk_states, like, path):
-    """Write the leaf at `path` of each params-shaped part, glued from the chunks' states, into
-    `new_s`; shared parts (the step count, the same in every chunk) from the first chunk."""
-    if isinstance(new_s, dict) and set(new_s) == set(like):
-        return _put(new_s, path, _glue([_get(c, path) for c in chunk_states]))
-    if isinstance(new_s, dict):
-        return {k: _merge_state(new_s[k], [c[k] for c in chunk_states], like, path) for k in new_s}
-    if isinstance(new_s, tuple):
-        return tuple(_merge_state(new_s[i], [c[i] for c in chunk_states], like, path) for i in range(len(new_s)))
-    return chunk_states[0]
 
 
 def _kind(piece, by_layer: bool) -> str:
