@@ -57,7 +57,8 @@ def _attention_core(q, kv, cos, sin, positions, segment_ids, cfg: ModelConfig, c
                               q_segment=segment_ids, kv_segment=segment_ids)
         a = a.astype(q.dtype)
     else:
-        a = attention(q, k, v, positions, positions, q_segment=segment_ids, kv_segment=segment_ids)
+        a = attention(q, k, v, positions, positions, q_segment=segment_ids, kv_segment=segment_ids,
+                      index_causal=True)      # a full row: no query sees a later token
     return a.reshape(B, T, -1), (k, v)
 
 
@@ -92,43 +93,48 @@ def _dot(y, dy):
     return (y.astype(ms.float32) * dy.astype(ms.float32)).sum()
 
 
-def layer_backward_selective(p, x, saved, cos, sin, positions, segment_ids, dy, cfg: ModelConfig,
-                             ctx: ParallelContext):
-    """(dx, grads of p) of `decoder_layer` given dy, from the saved matmul outputs (see module doc)."""
-    q, kv, a, h, g, u = saved
-    dt = cfg.compute_dtype
-    dyc = dy.astype(dt)                                        # the bias add ran in the compute dtype
-    grads = {"down_proj_bias": dyc.sum(axis=(0, 1)).astype(ms.float32)}
-    dm, grads["down_proj"] = linear_backward(gated(g, u), p["down_proj"], dyc)      # g's backward: identity
+def layer_backward_selective(cfg: ModelConfig, ctx: ParallelContext):
+    """A function (p, x, saved, cos, sin, positions, segment_ids, dy) -> (dx, grads of p) of
+    `decoder_layer` from the saved matmul outputs (see module doc).
 
-    def act(g_, u_):
+    The vector-Jacobian products of the cheap parts are built here, outside the jitted caller,
+    for the reason `layer_backward_full` gives (custom-bprop cells: f, g and the attention kernel).
+    """
+    def act(g_, u_, dm):
         return _dot(gated(g_, u_), dm)
-    dg, du = ms.grad(act, grad_position=(0, 1))(g, u)
-    n2 = _norm(h, p["post_attention_layernorm"], cfg)         # f is the identity forward ...
-    dn_g, grads["gate_proj"] = linear_backward(n2, p["gate_proj"], dg)
-    dn_u, grads["up_proj"] = linear_backward(n2, p["up_proj"], du)
-    dn2 = ctx.sum_tp(dn_g + dn_u)                             # ... and sums over tp backward
 
-    def norm2(h_, w_):
-        return _dot(_norm(h_, w_, cfg), dn2)
-    dh_n, grads["post_attention_layernorm"] = ms.grad(norm2, grad_position=(0, 1))(h, p["post_attention_layernorm"])
-    dh = dy + dh_n
-    dhc = dh.astype(dt)
-    grads["dense_bias"] = dhc.sum(axis=(0, 1)).astype(ms.float32)
-    da, grads["dense"] = linear_backward(a, p["dense"], dhc)
+    def norm(h_, w_, dn):
+        return _dot(_norm(h_, w_, cfg), dn)
 
-    def core(q_, kv_):
+    def core(q_, kv_, cos, sin, positions, segment_ids, da):
         return _dot(_attention_core(q_, kv_, cos, sin, positions, segment_ids, cfg, ctx)[0], da)
-    dq, dkv = ms.grad(core, grad_position=(0, 1))(q, kv)
-    n1 = _norm(x, p["input_layernorm"], cfg)
-    dn_q, grads["query"] = linear_backward(n1, p["query"], dq)
-    dn_kv, grads["key_value"] = linear_backward(n1, p["key_value"], dkv)
-    dn1 = ctx.sum_tp(dn_q + dn_kv)
 
-    def norm1(x_, w_):
-        return _dot(_norm(x_, w_, cfg), dn1)
-    dx_n, grads["input_layernorm"] = ms.grad(norm1, grad_position=(0, 1))(x, p["input_layernorm"])
-    return dh + dx_n, {k: grads[k] for k in p}
+    act_vjp, norm_vjp, core_vjp = (ms.grad(f, grad_position=(0, 1)) for f in (act, norm, core))
+
+    def backward(p, x, saved, cos, sin, positions, segment_ids, dy):
+        q, kv, a, h, g, u = saved
+        dt = cfg.compute_dtype
+        dyc = dy.astype(dt)                                    # the bias add ran in the compute dtype
+        grads = {"down_proj_bias": dyc.sum(axis=(0, 1)).astype(ms.float32)}
+        dm, grads["down_proj"] = linear_backward(gated(g, u), p["down_proj"], dyc)  # g's backward: identity
+        dg, du = act_vjp(g, u, dm)
+        n2 = _norm(h, p["post_attention_layernorm"], cfg)     # f is the identity forward ...
+        dn_g, grads["gate_proj"] = linear_backward(n2, p["gate_proj"], dg)
+        dn_u, grads["up_proj"] = linear_backward(n2, p["up_proj"], du)
+        dn2 = ctx.sum_tp(dn_g + dn_u)                         # ... and sums over tp backward
+        dh_n, grads["post_attention_layernorm"] = norm_vjp(h, p["post_attention_layernorm"], dn2)
+        dh = dy + dh_n
+        dhc = dh.astype(dt)
+        grads["dense_bias"] = dhc.sum(axis=(0, 1)).astype(ms.float32)
+        da, grads["dense"] = linear_backward(a, p["dense"], dhc)
+        dq, dkv = core_vjp(q, kv, cos, sin, positions, segment_ids, da)
+        n1 = _norm(x, p["input_layernorm"], cfg)
+        dn_q, grads["query"] = linear_backward(n1, p["query"], dq)
+        dn_kv, grads["key_value"] = linear_backward(n1, p["key_value"], dkv)
+        dn1 = ctx.sum_tp(dn_q + dn_kv)
+        dx_n, grads["input_layernorm"] = norm_vjp(x, p["input_layernorm"], dn1)
+        return dh + dx_n, {k: grads[k] for k in p}
+    return backward
 
 
 def layer_backward_full(cfg: ModelConfig, ctx: ParallelContext):

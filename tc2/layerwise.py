@@ -79,9 +79,11 @@ def compiled_graphs(cfg: ModelConfig, ctx: ParallelContext, recompute: str) -> _
         (_, loss_sum), (dtop, dx) = head_grad(top, x, labels, weight)
         return loss_sum, tree_leaves(_add(acc, dtop)), dx             # flat: tc2.tree.leaves_like
 
+    selective_bwd = layer_backward_selective(cfg, ctx)
+
     @ms.jit
     def layer_bwd(p, acc, x, saved, cos, sin, positions, segment_ids, dy):
-        dx, dp = layer_backward_selective(p, x, saved, cos, sin, positions, segment_ids, dy, cfg, ctx)
+        dx, dp = selective_bwd(p, x, saved, cos, sin, positions, segment_ids, dy)
         return dx, tree_leaves(_add(acc, dp))
 
     full_grad = layer_backward_full(cfg, ctx)

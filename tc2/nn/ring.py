@@ -36,7 +36,7 @@ _POS_SPLIT = 1 << 15          # positions travel as two exact float32 halves (CP
 
 
 def ring_attention(q, k, v, q_pos, kv_pos, *, rotate: Callable, ring_size: int, q_segment=None,
-                   kv_segment=None, scale=None):
+                   kv_segment=None):
     """Local queries q [B, Tq, Nq, D] against the K/V [B, Tk, Nkv, D] of every ring rank.
 
     q_pos [B, Tq], kv_pos [B, Tk]: GLOBAL int32 positions. `rotate(block)` maps the tuple of
@@ -44,7 +44,7 @@ def ring_attention(q, k, v, q_pos, kv_pos, *, rotate: Callable, ring_size: int, 
     float32, lse [B, Nq, Tq] float32), like `attention_with_lse` over the whole sequence.
     """
     out, lse = attention_with_lse(q, k, v, q_pos, kv_pos, q_segment=q_segment,
-                                  kv_segment=kv_segment, scale=scale)
+                                  kv_segment=kv_segment)
     d = k.shape[-1]
     kv = ops.concat((k, v), axis=-1)                                         # [B, Tk, Nkv, 2D]
     block = (kv, kv_pos) if kv_segment is None else (kv, kv_pos, kv_segment)
@@ -52,7 +52,7 @@ def ring_attention(q, k, v, q_pos, kv_pos, *, rotate: Callable, ring_size: int, 
         block = rotate(block)
         seg = None if kv_segment is None else block[2]
         o, l = attention_with_lse(q, block[0][..., :d], block[0][..., d:], q_pos, block[1],
-                                  q_segment=q_segment, kv_segment=seg, scale=scale)
+                                  q_segment=q_segment, kv_segment=seg)
         out, lse = merge_partials(out, lse, o, l)
     return out, lse
 
