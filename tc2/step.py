@@ -55,8 +55,9 @@ from tc2.layer import RECOMPUTE
 from tc2.layerwise import layerwise_grads, layerwise_loss_sums, zeros_like_f32
 from tc2.model import count_params, loss_sums
 from tc2.optim import GradientTransformation
-from tc2.tree import tree_map
-from tc2.update import Decision, apply_gradients, bodies, zero_slice
+from tc2.model import tp_sharded
+from tc2.tree import tree_map, tree_names
+from tc2.update import Decision, apply_gradients, bodies, can_donate, zero_slice
 
 BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids")
 LOCAL_KEYS = BATCH_KEYS + ("seq_len",)         # what `ParallelContext.local_batch` adds
@@ -241,6 +242,72 @@ def _compiled_unrolled(cfg: ModelConfig, optimizer: GradientTransformation, ls: 
     return fused, ms.jit(finish)
 
 
+@forget_after_failure
+def _compiled_unrolled_donated(cfg: ModelConfig, optimizer: GradientTransformation, ls: Optional[LossScaleConfig],
+                               clip_norm: Optional[float], ctx: ParallelContext):
+    """The unrolled step when the state is donated: (gradients + the update's decision for one
+    micro-batch, the same from accumulated gradients, the in-place write of the whole tree)."""
+    reduce_body, decide_body, _, _ = bodies(cfg, optimizer, ls, clip_norm, ctx)   # graph mode: no attributes
+    write = optimizer.inplace.write
+    sharded = tp_sharded(cfg) if ctx.tp > 1 else None
+
+    def objective(params, tokens, labels, positions, segment_ids, seq_len, weight):
+        return _objective(params, tokens, labels, positions, segment_ids, seq_len, weight, cfg, ctx)
+    value_and_grad = ms.value_and_grad(objective, grad_position=0, has_aux=True)
+
+    def reduce_decide(opt_state, scale_state, grads, loss_sum, inv_count):
+        inv_scale = inv_count * 0.0 + 1.0 if scale_state is None else 1.0 / scale_state["scale"]
+        grads, a, c = reduce_body(grads, inv_scale, sharded)
+        return grads, decide_body(a, c, loss_sum, inv_count, scale_state, opt_state)
+
+    @ms.jit
+    def decided(params, opt_state, scale_state, tokens, labels, positions, segment_ids, seq_len, inv_count):
+        weight = inv_count if scale_state is None else inv_count * scale_state["scale"]
+        (_, loss_sum), grads = value_and_grad(params, tokens, labels, positions, segment_ids, seq_len, weight)
+        return reduce_decide(opt_state, scale_state, grads, loss_sum, inv_count)
+
+    @ms.jit
+    def write_all(params, grads, opt_state, factor):
+        return write(grads, opt_state, params, factor)
+
+    return decided, ms.jit(reduce_decide), write_all
+
+
+def _unrolled_donated(state: TrainState, parts, inv_count, cfg: ModelConfig, optimizer, ls, clip_norm, ctx):
+    decided, reduce_decide, write_all = _compiled_unrolled_donated(cfg, optimizer, ls, clip_norm, ctx)
+    scale, opt_state = _mut(state.loss_scale), state.opt_state
+    if len(parts) == 1:
+        grads, d = decided(ms.mutable(state.params), ms.mutable(opt_state), scale, *parts[0], inv_count)
+    else:
+        weight = inv_count if state.loss_scale is None else inv_count * state.loss_scale["scale"]
+        grads, loss_sum = _accumulate(state.params, parts, cfg, ctx, weight, "none")
+        grads, d = reduce_decide(ms.mutable(opt_state), scale, ms.mutable(grads), loss_sum, inv_count)
+    d = Decision(*d)
+    if bool(d.ok.asnumpy()):                                    # a skipped step writes nothing
+        count = write_all(ms.mutable(state.params), ms.mutable(grads), ms.mutable(opt_state), d.factor)
+        opt_state = optimizer.inplace.advance(opt_state, count)
+    return state.params, opt_state, d
+
+
+def donatable(state: TrainState) -> TrainState:
+    """`state` with its parameters and params-shaped optimizer leaves as `ms.Parameter`s (the
+    buffers an in-place update writes into); leaves that already are stay the same objects."""
+    def as_parameters(tree, tag):
+        def one(x, name):
+            return x if isinstance(x, ms.Parameter) else ms.Parameter(x, name=f"{tag}.{name}.{id(x)}")
+        return tree_map(one, tree, tree_names(tree))
+
+    def walk(x, tag):
+        if isinstance(x, dict) and "layers" in x:
+            return as_parameters(x, tag)
+        if isinstance(x, dict):
+            return {k: walk(v, f"{tag}.{k}") for k, v in x.items()}
+        if isinstance(x, tuple):
+            return tuple(walk(v, f"{tag}.{i}") for i, v in enumerate(x))
+        return x
+    return state.replace(params=as_parameters(state.params, "params"), opt_state=walk(state.opt_state, "opt"))
+
+
 def _unrolled_update(state: TrainState, parts, inv_count, cfg: ModelConfig, optimizer, ls, clip_norm, ctx):
     fused, finish = _compiled_unrolled(cfg, optimizer, ls, clip_norm, ctx)
     scale = _mut(state.loss_scale)
@@ -311,7 +378,7 @@ def _skip_empty(state: TrainState, optimizer: GradientTransformation, n_tokens: 
 
 def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: GradientTransformation,
                loss_scale: Optional[LossScaleConfig] = None, *, clip_norm: Optional[float] = None,
-               ctx: ParallelContext = LOCAL, recompute: str = "auto"):
+               ctx: ParallelContext = LOCAL, recompute: str = "auto", donate: bool = False):
     """One optimizer step over the GLOBAL batch's k micro-batches -> (new state, metrics).
 
     clip_norm: scale the gradients to at most this global norm before the optimizer (each tp
@@ -321,7 +388,10 @@ def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: Grad
     process): loss (token mean over the whole batch), grad_norm (before clipping), lr (used by
     this update), tokens (k*B*T), loss_tokens, skipped (1.0 if the update was left out:
     non-finite gradients, or no loss tokens, then also no_loss_tokens 1.0 and loss NaN),
-    loss_scale (when scaling). `state` is not modified. `loss_scale` must be the config the
+    loss_scale (when scaling). `state` is not modified, unless `donate`: then the optimizer
+    writes the new weights and moments over the old ones (MindSpore's fused in-place AdamW; far
+    less memory and time on CPU) and `state` must not be used after the call (the returned
+    state holds the same buffers); ignored where impossible (`tc2.update.can_donate`). `loss_scale` must be the config the
     state was initialised with (None: no scaling). Token ids and labels outside the vocabulary
     are refused (ValueError naming the batch row, position and id).
     """
@@ -335,13 +405,17 @@ def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: Grad
         return _skip_empty(state, optimizer, n_tokens)
     inv_count = ms.Tensor(1.0 / max(n_loss, 1), ms.float32)
     recompute = resolve_recompute(recompute, cfg, ctx)
+    donate = donate and can_donate(optimizer, ctx)
+    if donate:
+        state = donatable(state)
     if recompute == "none" and ctx.pp == 1 and ctx.zero_size == 1:
-        params, opt_state, d = _unrolled_update(state, parts, inv_count, cfg, optimizer, loss_scale, clip_norm, ctx)
+        update = _unrolled_donated if donate else _unrolled_update
+        params, opt_state, d = update(state, parts, inv_count, cfg, optimizer, loss_scale, clip_norm, ctx)
     else:
         weight = inv_count if state.loss_scale is None else inv_count * state.loss_scale["scale"]
         grads, loss_sum = _accumulate(state.params, parts, cfg, ctx, weight, recompute)
         params, opt_state, d = apply_gradients(state.params, state.opt_state, state.loss_scale, grads, loss_sum,
-                                               inv_count, cfg, optimizer, loss_scale, clip_norm, ctx)
+                                               inv_count, cfg, optimizer, loss_scale, clip_norm, ctx, donate)
     new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1, loss_scale=d.loss_scale)
     metrics = {"loss": float(d.loss.asnumpy()), "grad_norm": float(d.grad_norm.asnumpy()),
                "lr": float(d.lr.asnumpy()), "tokens": n_tokens, "loss_tokens": n_loss,

@@ -137,6 +137,7 @@ class _Graphs(NamedTuple):
     apply: object              # the optimizer on a piece (ZeRO-1: on this rank's rows, gathered)
     apply_rows: object         # the optimizer on rows the host cut (no ZeRO inside)
     gather_rows: object        # ZeRO-1: the whole tensor from every rank's rows
+    write: object              # the optimizer written in place into a piece's buffers (or None)
 
 
 class Bodies(NamedTuple):
@@ -233,8 +234,16 @@ def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, cli
     def gather_rows(x, full_rows):
         return _zero_whole(x, full_rows, ctx)
 
+    write = None
+    if optimizer.inplace is not None:
+        write_body = optimizer.inplace.write
+
+        @ms.jit
+        def write(params, grads, opt_state, factor):
+            return write_body(grads, opt_state, params, factor)
+
     return _Graphs({kind: make_reduce(m) for kind, m in masks.items()}, ms.jit(decide),
-                   make_apply(ctx.zero_size > 1), make_apply(False), gather_rows)
+                   make_apply(ctx.zero_size > 1), make_apply(False), gather_rows, write)
 
 
 def _masks(sharded, by_layer: bool) -> dict:
@@ -263,9 +272,18 @@ def _keep_if(ok, new, old):
 # --------------------------------------------------------------------------- the driver
 
 
+def can_donate(optimizer: GradientTransformation, ctx: ParallelContext) -> bool:
+    """Whether a step may write the update into its state's buffers: the optimizer has an
+    in-place form and no ZeRO-1 (whose rows are gathered into new tensors anyway)."""
+    return optimizer.inplace is not None and ctx.zero_size == 1
+
+
 def apply_gradients(params, opt_state, scale_state, grads, loss_sum, inv_count, cfg: ModelConfig,
-                    optimizer: GradientTransformation, ls, clip_norm: Optional[float], ctx: ParallelContext):
-    """-> (params, opt_state, Decision): the update of one step, piece by piece (module doc)."""
+                    optimizer: GradientTransformation, ls, clip_norm: Optional[float], ctx: ParallelContext,
+                    donate: bool = False):
+    """-> (params, opt_state, Decision): the update of one step, piece by piece (module doc).
+    donate (see `can_donate`): params and the state's moments are `ms.Parameter`s the update
+    overwrites; the same objects come back (the step count renewed)."""
     by_layer = bool(getattr(optimizer, "elementwise", False))
     if ctx.zero_size > 1 and not by_layer:
         raise ValueError("ZeRO-1 needs an optimizer that acts on each parameter on its own (elementwise)")
@@ -280,6 +298,13 @@ def apply_gradients(params, opt_state, scale_state, grads, loss_sum, inv_count, 
     factor, ok, loss, gnorm, lr, scale_state = g.decide(sq_split, sq_rest, loss_sum, inv_count,
                                                         None if scale_state is None else ms.mutable(scale_state),
                                                         ms.mutable(s_pieces[0]))
+    if donate:
+        if bool(ok.asnumpy()):                                  # a skipped step writes nothing
+            count = None
+            for p, gr, s in zip(p_pieces, grad_pieces, s_pieces):
+                count = g.write(ms.mutable(p), ms.mutable(gr), ms.mutable(s), factor)
+            opt_state = optimizer.inplace.advance(opt_state, count)
+        return params, opt_state, Decision(factor, ok, loss, gnorm, lr, scale_state)
     new_p, new_s = [], []
     for p, gr, s in zip(p_pieces, grad_pieces, s_pieces):
         if by_layer and _size(p) > APPLY_PIECE:
