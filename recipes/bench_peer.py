@@ -71,7 +71,7 @@ PATCHES = {
               r"(emb\.(?:cos|sin)\(\)\[:, None, :\])\.half\(\)", r"\1.float()",
               r"emb\.(?:cos|sin)\(\)\[:, None, :\]\.float\(\)"),
         Patch("FlashSelfAttention.__init__: the flash-attn / einops asserts -> no-ops",
-              r"^([ \t]*)assert (flash_attn_unpadded_func|rearrange) is not None,(?:[^\n(]*\([^)]*\)|[^\n]*)$",
+              r"^([ \t]*)assert (flash_attn_unpadded_func|rearrange) is not None\b(?:[^\n(]*\([^)]*\)|[^\n]*)$",
               _assert_to_pass, r"class FlashSelfAttention\b"),
     ),
     "configuration_telechat.py": (),
@@ -101,16 +101,25 @@ def patch_source(filename: str, text: str) -> str:
     return text
 
 
-def write_patched_package(modeling_dir: str, dest: str) -> str:
-    """The official files of `modeling_dir`, patched, as the package folder `dest` (created)."""
-    os.makedirs(dest)
+def patched_sources(modeling_dir: str) -> dict:
+    """{filename: patched text} of the official files in `modeling_dir` (PatchError naming the
+    first file that is missing or not the expected version). Cheap and torch-free, so
+    `benchmark.py side` checks a folder with it before starting any run."""
+    out = {}
     for filename in PATCHES:
         src = os.path.join(modeling_dir, filename)
         if not os.path.isfile(src):
-            raise PatchError(f"{src}: not found (--modeling_dir must hold the official model/115B files "
+            raise PatchError(f"{src}: not found (the folder must hold the official model/115B files "
                              f"{', '.join(PATCHES)})")
         with open(src, encoding="utf-8") as f:
-            text = patch_source(filename, f.read())
+            out[filename] = patch_source(filename, f.read())
+    return out
+
+
+def write_patched_package(modeling_dir: str, dest: str) -> str:
+    """The official files of `modeling_dir`, patched, as the package folder `dest` (created)."""
+    os.makedirs(dest)
+    for filename, text in patched_sources(modeling_dir).items():
         with open(os.path.join(dest, filename), "w", encoding="utf-8") as f:
             f.write(text)
     open(os.path.join(dest, "__init__.py"), "w").close()
