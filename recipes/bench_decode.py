@@ -25,13 +25,9 @@ from tc2.config import ModelConfig
 from tc2.generate import compiled_steps, generate, pack_prompts
 from tc2.nn import linear
 
-SHAPES = {
-    # the trainer issue's shape M
-    "M": dict(vocab_size=32000, hidden_size=512, n_layer=8, n_head=8, num_key_value_heads=2,
-              ffn_hidden_size=1536),
-    "tiny": dict(vocab_size=512, hidden_size=64, n_layer=2, n_head=4, num_key_value_heads=2,
-                 ffn_hidden_size=176),
-}
+from bench_protocol import SHAPES as MODEL_SHAPES
+
+SHAPES = {name: MODEL_SHAPES[name] for name in ("M", "tiny")}     # M: the trainer issue's shape M
 
 
 def copy_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
@@ -75,27 +71,32 @@ def time_weight_matmuls(params, cfg, batch, repeats, iters=10):
     return statistics.median(out)
 
 
-def _prompts(cfg, batch, length, seed=0):
+def random_prompts(cfg, batch, length, seed=0):
+    """`batch` prompts of `length` random ids (ids 0-3 left out: the special tokens)."""
     r = np.random.default_rng(seed)
     return [r.integers(4, cfg.vocab_size, length).tolist() for _ in range(batch)]
 
 
+def timed_generate(params, cfg, prompts, new_tokens):
+    """One greedy `generate` without stop ids -> (seconds to the first new token: the prefill,
+    seconds for the other new_tokens - 1: the cached decode steps, the yielded steps)."""
+    t0 = time.perf_counter()
+    it = generate(params, cfg, prompts, max_new_tokens=new_tokens, stop_ids=())
+    steps = [next(it)]
+    t1 = time.perf_counter()
+    steps.extend(it)
+    return t1 - t0, time.perf_counter() - t1, steps
+
+
 def time_generate(params, cfg, batch, prompt_len, steps, repeats):
     """Seconds per decode step of `generate` (prefill excluded: the clock starts at step 1)."""
-    prompts = _prompts(cfg, batch, prompt_len)
-    per_step = []
-    for _ in range(repeats):
-        it = generate(params, cfg, prompts, max_new_tokens=steps, stop_ids=())
-        next(it)                                               # prefill + first token
-        t0 = time.perf_counter()
-        n = sum(1 for _ in it)
-        per_step.append((time.perf_counter() - t0) / n)
-    return statistics.median(per_step)
+    prompts = random_prompts(cfg, batch, prompt_len)
+    return statistics.median(timed_generate(params, cfg, prompts, steps)[1] / (steps - 1) for _ in range(repeats))
 
 
 def time_decode_step(params, cfg, batch, prompt_len, steps, repeats):
     """Seconds per call of the compiled decode step alone (same shapes as `generate` uses)."""
-    b = pack_prompts(_prompts(cfg, batch, prompt_len), cfg, max_new_tokens=steps)
+    b = pack_prompts(random_prompts(cfg, batch, prompt_len), cfg, max_new_tokens=steps)
     prefill, decode = compiled_steps(cfg, None)
     p = ms.mutable(params)
     flags = ms.Tensor(np.zeros((batch, 1), np.bool_))
@@ -131,9 +132,9 @@ def run(shape: str = "M", batches: List[int] = [1, 8], prompt_len: int = 32, ste
     rows = []
     for B in batches:
         t0 = time.perf_counter()
-        list(generate(params, cfg, _prompts(cfg, B, prompt_len), max_new_tokens=steps, stop_ids=()))
+        list(generate(params, cfg, random_prompts(cfg, B, prompt_len), max_new_tokens=steps, stop_ids=()))
         compile_s = time.perf_counter() - t0                       # prefill + decode compile + one run
-        list(generate(params, cfg, _prompts(cfg, B, prompt_len), max_new_tokens=steps, stop_ids=()))
+        list(generate(params, cfg, random_prompts(cfg, B, prompt_len), max_new_tokens=steps, stop_ids=()))
         gen = time_generate(params, cfg, B, prompt_len, steps, repeats)
         step = time_decode_step(params, cfg, B, prompt_len, steps, repeats)
         mm = time_weight_matmuls(params, cfg, B, repeats)
@@ -150,15 +151,9 @@ def run(shape: str = "M", batches: List[int] = [1, 8], prompt_len: int = 32, ste
     print("generate / bound is the headline ratio; matmuls-only is the same weights through "
           "MindSpore's CPU MatMul alone (no attention, cache, norms or sampling): the kernel's floor.")
 
-    long_prompt = _prompts(cfg, 1, prefill_len, seed=1)
-    t0 = time.perf_counter()
-    next(generate(params, cfg, long_prompt, max_new_tokens=1, stop_ids=()))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        next(generate(params, cfg, long_prompt, max_new_tokens=1, stop_ids=()))
-        times.append(time.perf_counter() - t0)
+    long_prompt = random_prompts(cfg, 1, prefill_len, seed=1)
+    compile_s = timed_generate(params, cfg, long_prompt, 1)[0]
+    times = [timed_generate(params, cfg, long_prompt, 1)[0] for _ in range(repeats + 1)]
     pre = statistics.median(times[1:])
     flops = 2 * (n_params - cfg.vocab_size * cfg.hidden_size) * prefill_len
     print(f"prefill {prefill_len} tokens (batch 1): {pre * 1e3:.0f} ms = {prefill_len / pre:.0f} tokens/s, "

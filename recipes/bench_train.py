@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 from typing import List, Optional
 
 import mindspore as ms
@@ -35,13 +36,12 @@ from tc2.step import init_train_state, split_micro_batches, train_step
 from tc2.train.batches import synthetic_batches
 from tc2.tree import tree_flatten_with_names
 
+from bench_protocol import SHAPES as MODEL_SHAPES
+
 SHAPES = {
-    "S": dict(model=dict(vocab_size=32000, hidden_size=256, n_layer=4, n_head=8, num_key_value_heads=2,
-                         ffn_hidden_size=768), seq=256, batch=4, micro=4),
-    "M": dict(model=dict(vocab_size=32000, hidden_size=512, n_layer=8, n_head=8, num_key_value_heads=2,
-                         ffn_hidden_size=1536), seq=512, batch=4, micro=1),
-    "tiny": dict(model=dict(vocab_size=512, hidden_size=64, n_layer=2, n_head=4, num_key_value_heads=2,
-                            ffn_hidden_size=176), seq=64, batch=4, micro=4),
+    "S": dict(model=MODEL_SHAPES["S"], seq=256, batch=4, micro=4),
+    "M": dict(model=MODEL_SHAPES["M"], seq=512, batch=4, micro=1),
+    "tiny": dict(model=MODEL_SHAPES["tiny"], seq=64, batch=4, micro=4),
 }
 
 
@@ -71,6 +71,21 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq
 
 
+def make_train(model: dict, batch: int, seq: int, micro_batches: int = 1, recompute: str = "auto", seed: int = 0):
+    """(cfg, state, batches, step) for timing `tc2.step.train_step` with the release's optimizer
+    recipe on a seeded float32 model of `model`'s dims: batches yields synthetic [batch, seq]
+    batches (split into `micro_batches`), step(state, batch) -> (state, metrics) is one
+    optimizer step (the metrics are host floats, so the step has finished when it returns).
+    One place builds the step, so `train` and `side` time the same thing."""
+    cfg = ModelConfig(**model, training_seqlen=seq, base_seqlen=seq, seq_length=seq, dtype="float32")
+    ocfg = OptimConfig()                                              # the release's recipe
+    opt = make_optimizer(ocfg, total_steps=1000)
+    state = init_train_state(init_params(cfg, seed), opt)
+    stream = synthetic_batches(cfg, batch, seq, seed=seed)
+    batches = (split_micro_batches(b, micro_batches) if micro_batches > 1 else b for b in stream)
+    return cfg, state, batches, partial(train_step, cfg=cfg, optimizer=opt, clip_norm=ocfg.clip, recompute=recompute)
+
+
 def bench_shape(name: str, warmup: int, steps: int, micro: Optional[int] = None, recompute: str = "selective") -> dict:
     import resource
     spec = SHAPES[name]
@@ -78,23 +93,17 @@ def bench_shape(name: str, warmup: int, steps: int, micro: Optional[int] = None,
     if spec["batch"] % micro:
         raise ValueError(f"micro batch {micro} does not divide batch {spec['batch']}")
     k = spec["batch"] // micro
-    cfg = ModelConfig(**spec["model"], training_seqlen=spec["seq"], base_seqlen=spec["seq"],
-                      seq_length=spec["seq"], dtype="float32")
-    ocfg = OptimConfig()                                              # the release's recipe
-    opt = make_optimizer(ocfg, total_steps=1000)
-    state = init_train_state(init_params(cfg, 0), opt)
-    stream = synthetic_batches(cfg, spec["batch"], spec["seq"], seed=0)
-    data = (split_micro_batches(b, k) if k > 1 else b for b in stream)
+    cfg, state, data, step = make_train(spec["model"], spec["batch"], spec["seq"], k, recompute)
     t0 = time.perf_counter()
-    state, _ = train_step(state, next(data), cfg, opt, clip_norm=ocfg.clip, recompute=recompute)                # compile + first step
+    state, _ = step(state, next(data))                                # compile + first step
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
-        state, _ = train_step(state, next(data), cfg, opt, clip_norm=ocfg.clip, recompute=recompute)
+        state, _ = step(state, next(data))
     times: List[float] = []
     for _ in range(steps):
         batch = next(data)
         t0 = time.perf_counter()
-        state, m = train_step(state, batch, cfg, opt, clip_norm=ocfg.clip, recompute=recompute)                 # metrics read = synced
+        state, m = step(state, batch)                                 # metrics read = synced
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     tokens = spec["batch"] * spec["seq"]
