@@ -32,7 +32,7 @@ from jsonargparse import CLI
 from tc2.config import ModelConfig
 from tc2.model import init_params, param_specs
 from tc2.optim import OptimConfig, make_optimizer
-from tc2.step import init_train_state, split_micro_batches, train_step
+from tc2.step import donatable, init_train_state, split_micro_batches, train_step
 from tc2.train.batches import synthetic_batches
 from tc2.tree import tree_flatten_with_names
 
@@ -71,19 +71,24 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq
 
 
-def make_train(model: dict, batch: int, seq: int, micro_batches: int = 1, recompute: str = "auto", seed: int = 0):
+def make_train(model: dict, batch: int, seq: int, micro_batches: int = 1, recompute: str = "auto", seed: int = 0,
+               donate: bool = True):
     """(cfg, state, batches, step) for timing `tc2.step.train_step` with the release's optimizer
     recipe on a seeded float32 model of `model`'s dims: batches yields synthetic [batch, seq]
     batches (split into `micro_batches`), step(state, batch) -> (state, metrics) is one
     optimizer step (the metrics are host floats, so the step has finished when it returns).
-    One place builds the step, so `train` and `side` time the same thing."""
+    One place builds the step, so `train` and `side` time the same thing. donate: the step
+    `fit` runs (the optimizer writes into the state's buffers, `train_step(donate=True)`)."""
     cfg = ModelConfig(**model, training_seqlen=seq, base_seqlen=seq, seq_length=seq, dtype="float32")
     ocfg = OptimConfig()                                              # the release's recipe
     opt = make_optimizer(ocfg, total_steps=1000)
     state = init_train_state(init_params(cfg, seed), opt)
+    if donate:
+        state = donatable(state)                       # the buffers the step writes into, made once
     stream = synthetic_batches(cfg, batch, seq, seed=seed)
     batches = (split_micro_batches(b, micro_batches) if micro_batches > 1 else b for b in stream)
-    return cfg, state, batches, partial(train_step, cfg=cfg, optimizer=opt, clip_norm=ocfg.clip, recompute=recompute)
+    return cfg, state, batches, partial(train_step, cfg=cfg, optimizer=opt, clip_norm=ocfg.clip, recompute=recompute,
+                                          donate=donate)
 
 
 def bench_shape(name: str, warmup: int, steps: int, micro: Optional[int] = None, recompute: str = "selective") -> dict:

@@ -320,6 +320,44 @@ def test_float16_loss_scaling_skips_overflow_then_grows(params):
     assert history[-1]["loss"] < history[0]["loss"]
 
 
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_donated_step_equals_the_functional_step_and_keeps_its_buffers(params, recompute):
+    """train_step(donate=True) (the fused in-place AdamW over ms.Parameter buffers, what fit runs)
+    == the functional step, over 3 steps with clipping, for the unrolled and the layer-by-layer
+    update; the same buffers come back every step."""
+    from tc2.step import donatable
+    a = init_train_state(params, OPT)
+    b = donatable(init_train_state(params, OPT))
+    ids = [id(x) for x in tree_flatten_with_names(b.params).values()]
+    for i in range(3):
+        batch = train_batch(_rows(B, seed=10 + i), PAD)
+        a, ma = train_step(a, batch, CFG, OPT, clip_norm=CLIP, recompute=recompute)
+        b, mb = train_step(b, batch, CFG, OPT, clip_norm=CLIP, recompute=recompute, donate=True)
+        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-6) and mb["lr"] == ma["lr"]
+        assert mb["grad_norm"] == pytest.approx(ma["grad_norm"], rel=1e-5)
+    assert [id(x) for x in tree_flatten_with_names(b.params).values()] == ids
+    # The two paths' gradients come from different graphs (last-bit differences). Where a
+    # gradient is a near-cancellation (|g| ~ eps), Adam's m / (sqrt(v) + eps) follows those bits,
+    # so the weights are compared to 0.2% of one step (lr 1e-2); the moments, elementwise
+    # averages of the gradients, to float32 rounding.
+    for k, v in _np(a.params).items():
+        np.testing.assert_allclose(_np(b.params)[k], v, rtol=1e-5, atol=2e-5, err_msg=k)
+    for k, v in tree_flatten_with_names(a.opt_state).items():
+        np.testing.assert_allclose(tree_flatten_with_names(b.opt_state)[k].asnumpy(), v.asnumpy(),
+                                   rtol=1e-4, atol=1e-9, err_msg=k)
+    assert not np.allclose(_np(b.params)["ln_f"], 1.0)          # the buffers really moved
+
+
+def test_a_donated_float16_overflow_writes_nothing(params):
+    from tc2.step import donatable
+    state = donatable(init_train_state(params, OPT, LS16))
+    before = _np(state.params)
+    state, m = train_step(state, train_batch(_rows(B, 5), PAD), CFG16, OPT, LS16, clip_norm=CLIP, donate=True)
+    assert m["skipped"] == 1.0
+    assert all(np.array_equal(v, before[k]) for k, v in _np(state.params).items())
+    assert int(state.opt_state["count"].asnumpy()) == 0
+
+
 # --------------------------------------------------------------------------- loop + resume
 
 

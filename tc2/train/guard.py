@@ -11,7 +11,8 @@ action ends the process: no KeyboardInterrupt, no message, every step since the 
 lost. So while `fit` runs in one process, SIGINT and SIGTERM (a Ctrl-C arrives as either)
 only record a stop request: the current step finishes, `fit` saves it and raises
 `TrainingInterrupted`. A second signal stops at once (KeyboardInterrupt; the state is still
-the last complete step, which is saved). Under msrun, Ctrl-C reaches msrun, which SIGKILLs its
+the last complete step, which is saved), except inside a train step that writes the weights
+in place (`StopSignals.holding`): then it stops as soon as that step has ended. Under msrun, Ctrl-C reaches msrun, which SIGKILLs its
 workers: only `save_every` protects such a run.
 """
 from __future__ import annotations
@@ -82,6 +83,7 @@ class StopSignals:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.received: Optional[int] = None
         self._old = {}
+        self._holding, self._second = False, False
 
     def __enter__(self) -> "StopSignals":
         if self.enabled:
@@ -90,9 +92,25 @@ class StopSignals:
 
     def _on_signal(self, signum, frame) -> None:
         if self.received is not None:
+            if self._holding:
+                self._second = True
+                os.write(2, b"\nstopping after this step (it writes the weights in place)\n")
+                return
             raise KeyboardInterrupt
         self.received = signum
         os.write(2, b"\nstop requested: finishing this step, then saving (press Ctrl-C again to stop now)\n")
+
+    @contextlib.contextmanager
+    def holding(self):
+        """A block a second signal must not cut (a donated train step writing the weights in
+        place, then the new state taken): the KeyboardInterrupt comes when the block ends."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            if self._second:
+                raise KeyboardInterrupt
 
     def __exit__(self, *exc) -> None:
         for s, old in self._old.items():

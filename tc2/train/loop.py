@@ -34,7 +34,8 @@ from tc2.optim import GradientTransformation, OptimConfig, make_optimizer
 from tc2.parallel.collectives import context_for, local_params
 from tc2.parallel.mesh import ParallelConfig
 from tc2.step import (LossScaleConfig, TrainState, default_loss_scale, eval_loss_sums, init_loss_scale,
-                      init_train_state, split_micro_batches, train_step)
+                      donatable, init_train_state, split_micro_batches, train_step)
+from tc2.update import can_donate
 from tc2.train.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from tc2.train.guard import StopSignals, TrainingInterrupted, out_dir_lock
 from tc2.train.log import MetricsLog, Window, eval_line, progress_line
@@ -132,6 +133,7 @@ def fit(params, cfg: ModelConfig, batches: Iterable[dict], *,
     ctx = context_for(parallel)
     run = _Run(cfg, batches, eval_batches, optim, train, ctx, meta, log, parallel.recompute)
     with out_dir_lock(train.out_dir, enabled=ctx.is_main), StopSignals(enabled=ctx.size == 1) as stop:
+        run.stop = stop
         run.start(params)
         try:
             while run.step < run.end and stop.received is None:
@@ -195,6 +197,8 @@ class _Run:
         if state is None:
             state = init_train_state(local_params(params, self.cfg, self.ctx), self.optimizer, self.loss_scale,
                                      ctx=self.ctx)
+        if can_donate(self.optimizer, self.ctx):
+            state = donatable(state)                 # the buffers every step writes into, made once
         self.state, self.start_step = state, int(state.step.asnumpy())
         self.step = self.start_step
         self.saved_step = self.start_step if self.ckpt else None
@@ -219,8 +223,9 @@ class _Run:
 
     def train_on(self, batch: dict) -> None:
         t0 = time.perf_counter()
-        self.state, m = train_step(self.state, batch, self.cfg, self.optimizer, self.loss_scale,
-                                   clip_norm=self.clip, ctx=self.ctx, recompute=self.recompute)
+        with self.stop.holding():                 # the step writes into self.state's buffers
+            self.state, m = train_step(self.state, batch, self.cfg, self.optimizer, self.loss_scale,
+                                       clip_norm=self.clip, ctx=self.ctx, recompute=self.recompute, donate=True)
         dt = time.perf_counter() - t0
         self.step += 1
         if m.get("no_loss_tokens"):
