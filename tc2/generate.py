@@ -35,6 +35,7 @@ from tc2.layer import decoder_layer
 from tc2.model import embed, forward, gather_logits
 from tc2.model import head as head_logits
 from tc2.nn import rope_cos_sin
+from tc2.nn.take import take
 from tc2.sampling import NEG, SamplingConfig, mark_present, next_token
 
 __all__ = ["generate", "generate_ids", "generate_batched", "stream_text", "PromptBatch",
@@ -146,7 +147,7 @@ def compiled_steps(cfg: ModelConfig, sampling: Optional[SamplingConfig], vocab_l
     def step(params, tokens, positions, cache, presence, uniform):
         logits, cache = forward(params, tokens, cfg, positions=positions, cache=cache,
                                 last_only=True, ctx=ctx)                                 # [B, 1, V/tp]
-        last = gather_logits(logits[:, -1], ctx).astype(ms.float32)                      # [B, V]
+        last = gather_logits(logits.squeeze(1), ctx).astype(ms.float32)                  # [B, V]
         allowed = last
         if limit is not None:
             allowed = ops.where(ops.arange(cfg.vocab_size) < limit, last, NEG)          # [B, V]
@@ -184,7 +185,8 @@ def _layered_step(cfg: ModelConfig, sampling, limit, ctx: ParallelContext, penal
 
     @ms.jit
     def finish(top, x, presence, uniform):
-        last = gather_logits(head_logits(top, x[:, -1:], cfg, ctx)[:, -1], ctx).astype(ms.float32)   # [B, V]
+        x = take(x, 1, x.shape[1] - 1, x.shape[1])                                                 # [B, 1, H]
+        last = gather_logits(head_logits(top, x, cfg, ctx).squeeze(1), ctx).astype(ms.float32)      # [B, V]
         allowed = last if limit is None else ops.where(ops.arange(cfg.vocab_size) < limit, last, NEG)
         tok = next_token(allowed, presence, uniform, sampling)                                      # [B]
         return tok, last, (mark_present(presence, tok) if penalize else presence)

@@ -23,6 +23,7 @@ from tc2.config import IGNORE_INDEX, ModelConfig
 from tc2.context import LOCAL, ParallelContext
 from tc2.layer import decoder_layer
 from tc2.nn import linear, rms_norm, rope_cos_sin
+from tc2.nn.take import take
 from tc2.tree import tree_leaves, tree_map, tree_unflatten
 
 
@@ -150,7 +151,7 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, cache=None, seg
         x, (k, v), _ = decoder_layer(params["layers"][i], x, cos, sin, positions, cfg, ctx, kv_cache, segment_ids)
         new_k, new_v = new_k + (k,), new_v + (v,)
     if last_only:
-        x = x[:, -1:]                                                                    # [B, 1, H]
+        x = take(x, 1, T - 1, T)                                                        # [B, 1, H]
     logits = head(params, x, cfg, ctx)                                                   # [B, T, V/tp]
     if cache is None:
         return logits, None

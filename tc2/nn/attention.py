@@ -23,6 +23,8 @@ import math
 import mindspore as ms
 from mindspore import nn, ops
 
+from tc2.nn.take import take
+
 _bmm_nt = ops.BatchMatMul(transpose_b=True)
 _bmm_tn = ops.BatchMatMul(transpose_a=True)
 _bmm = ops.BatchMatMul()
@@ -92,8 +94,9 @@ class _BlockAttention(nn.Cell):
         n_kv, g = kh.shape[1], qh.shape[2]
         outs, lses = [], []
         for s, e, te in bounds:
-            p, sc = self._probs(qh[:, :, :, s:e], kh[:, :, :te], mask[:, s:e, :te])   # [B, Nkv, g*Bq, Tb]
-            outs.append(_bmm(p, vh[:, :, :te]).reshape(B, n_kv, g, e - s, d))
+            mask_b = take(take(mask, 1, s, e), 2, 0, te)
+            p, sc = self._probs(take(qh, 3, s, e), take(kh, 2, 0, te), mask_b)      # [B, Nkv, g*Bq, Tb]
+            outs.append(_bmm(p, take(vh, 2, 0, te)).reshape(B, n_kv, g, e - s, d))
             # log-sum-exp without another pass of exp: p_max = exp(s_max - lse)
             lse = sc.max(axis=-1, keepdims=True) - ops.log(p.max(axis=-1, keepdims=True))
             lses.append(lse.reshape(B, n_kv, g, e - s, 1))
@@ -116,10 +119,10 @@ class _BlockAttention(nn.Cell):
         dv = ops.zeros((B, n_kv, tk, d), ms.float32)
         for s, e, te in bounds:
             rows = g * (e - s)
-            qb, kb, vb = qh[:, :, :, s:e], kh[:, :, :te], vh[:, :, :te]
-            p, _ = self._probs(qb, kb, mask[:, s:e, :te])                      # [B, Nkv, g*Bq, Tb]
-            dob = doh[:, :, :, s:e].reshape(B, n_kv, rows, d)
-            ds = p * (_bmm_nt(dob, vb) - row[:, :, :, s:e].reshape(B, n_kv, rows, 1))
+            qb, kb, vb = take(qh, 3, s, e), take(kh, 2, 0, te), take(vh, 2, 0, te)
+            p, _ = self._probs(qb, kb, take(take(mask, 1, s, e), 2, 0, te))  # [B, Nkv, g*Bq, Tb]
+            dob = take(doh, 3, s, e).reshape(B, n_kv, rows, d)
+            ds = p * (_bmm_nt(dob, vb) - take(row, 3, s, e).reshape(B, n_kv, rows, 1))
             dqs.append(_bmm(ds, kb).reshape(B, n_kv, g, e - s, d))
             dk_b = _bmm_tn(ds, qb.reshape(B, n_kv, rows, d))                   # [B, Nkv, Tb, D]
             dv_b = _bmm_tn(p, dob)
