@@ -77,11 +77,11 @@ def random_prompts(cfg, batch, length, seed=0):
     return [r.integers(4, cfg.vocab_size, length).tolist() for _ in range(batch)]
 
 
-def timed_generate(params, cfg, prompts, new_tokens):
+def timed_generate(params, cfg, prompts, new_tokens, layered: bool = True):
     """One greedy `generate` without stop ids -> (seconds to the first new token: the prefill,
     seconds for the other new_tokens - 1: the cached decode steps, the yielded steps)."""
     t0 = time.perf_counter()
-    it = generate(params, cfg, prompts, max_new_tokens=new_tokens, stop_ids=())
+    it = generate(params, cfg, prompts, max_new_tokens=new_tokens, stop_ids=(), layered=layered)
     steps = [next(it)]
     t1 = time.perf_counter()
     steps.extend(it)

@@ -58,12 +58,16 @@ def peer_missing(peer_modeling: Optional[str], peer_python: str) -> Optional[str
     return None
 
 
-def plan(cases: List[str], tc2_variants: List[str], peer_modes: List[str], rounds: int) -> List[Run]:
-    """The runs in order: per case, per round, tc2 (each variant for train, generate otherwise)
-    then each torch mode."""
+GENERATE = ("layered", "unrolled")      # tc2's generation variants: generate(layered=True | False)
+
+
+def plan(cases: List[str], tc2_variants: List[str], peer_modes: List[str], rounds: int,
+         tc2_generate: List[str] = ["layered"]) -> List[Run]:
+    """The runs in order: per case, per round, tc2 (each train variant for train, each generate
+    variant otherwise) then each torch mode."""
     runs = []
     for case in cases:
-        variants = tc2_variants if CASES[case]["kind"] == "train" else ["generate"]
+        variants = tc2_variants if CASES[case]["kind"] == "train" else tc2_generate
         for r in range(rounds):
             runs += [Run(case, "tc2", v, r) for v in variants]
             runs += [Run(case, "torch", m, r) for m in peer_modes]
@@ -78,7 +82,9 @@ def command(run: Run, opts: dict) -> List[str]:
         return [opts["peer_python"], os.path.join(HERE, "bench_peer.py"), "--modeling_dir", opts["peer_modeling"],
                 "--mode", run.variant] + common
     cmd = [sys.executable, os.path.join(HERE, "bench_tc2.py")] + common
-    if run.variant != "generate":
+    if run.variant in GENERATE:
+        cmd += ["--layered", str(run.variant == "layered").lower()]
+    else:
         cmd += ["--recompute", run.variant]
     if opts["micro_batch"]:
         cmd += ["--micro_batch", str(opts["micro_batch"])]
@@ -115,11 +121,14 @@ def _summary(res: dict) -> str:
 
 
 def column(res: dict, tc2_variants: List[str]) -> str:
-    """The table column a result belongs to: torch's mode, or tc2's variant (decode and prefill,
-    which have no variant, go under the first)."""
+    """The table column a result belongs to: torch's mode, or tc2's variant (decode and prefill
+    go under the train variant in the same place of their own list: layered under the first)."""
     if res["system"] == "torch":
         return PEER_COLUMNS[res["variant"]]
-    return f"tc2 {res['variant'] if res['variant'] in tc2_variants else tc2_variants[0]}"
+    if res["variant"] in tc2_variants:
+        return f"tc2 {res['variant']}"
+    place = GENERATE.index(res["variant"]) if res["variant"] in GENERATE else 0
+    return f"tc2 {tc2_variants[min(place, len(tc2_variants) - 1)]}"
 
 
 def aggregate(results: List[dict], tc2_variants: List[str]) -> dict:
@@ -190,7 +199,8 @@ def _write(out: Optional[str], res: dict) -> None:
 
 
 def run(cases: List[str] = DEFAULT_CASES, peer_modeling: Optional[str] = None, peer_python: Optional[str] = None,
-        peer_modes: List[str] = ["eager", "compile"], tc2_variants: List[str] = ["auto"], rounds: int = 2,
+        peer_modes: List[str] = ["eager", "compile"], tc2_variants: List[str] = ["auto"],
+        tc2_generate: List[str] = ["layered"], rounds: int = 2,
         steps: int = 5, warmup: int = 3, threads: int = 2, micro_batch: Optional[int] = None,
         out: Optional[str] = None, timeout: int = 3600) -> int:
     """tc2 and the official PyTorch code on the same cases, interleaved, in one table.
@@ -204,7 +214,10 @@ def run(cases: List[str] = DEFAULT_CASES, peer_modeling: Optional[str] = None, p
         peer_python: interpreter with torch + transformers (default: $TC2_PEER_PYTHON, else this one).
         peer_modes: torch modes, each a column: eager, compile.
         tc2_variants: tc2 train-step recompute modes, each a column (auto, none, selective, full);
-            decode and prefill run once, under the first.
+            decode and prefill go by tc2_generate instead.
+        tc2_generate: tc2's generation variants for decode and prefill: layered (`generate`'s
+            default: one compiled layer in a host loop) and/or unrolled (one graph per step);
+            layered appears under the first train column, unrolled under the second.
         rounds: runs of every column per case, interleaved.
         steps: timed steps per run (its median is the run's number).
         warmup: untimed steps per run before, the first (compiling) one included; torch.compile
@@ -232,7 +245,10 @@ def run(cases: List[str] = DEFAULT_CASES, peer_modeling: Optional[str] = None, p
                 peer_python=peer_python, peer_modeling=os.path.abspath(peer_modeling) if peer_modeling else None)
     if out:
         open(out, "w").close()
-    runs = plan(cases, tc2_variants, modes, rounds)
+    for g in tc2_generate:
+        if g not in GENERATE:
+            raise ValueError(f"tc2_generate entries must be layered or unrolled, got {g!r}")
+    runs = plan(cases, tc2_variants, modes, rounds, tc2_generate)
     results = []
     for i, r in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] load {_loadavg()} | {r.case} {r.system} {r.variant} round {r.round + 1}", flush=True)
@@ -246,6 +262,8 @@ def run(cases: List[str] = DEFAULT_CASES, peer_modeling: Optional[str] = None, p
           f"{rounds} round(s) interleaved; tok/s = median over rounds (best step); ratio = tc2 / torch, "
           f"medians (best / best); GiB = peak RSS of the run's process; load avg now {_loadavg()}")
     print("\n".join(table(cases, results, tc2_variants, peer_columns)))
+    print("decode / prefill rows: " + ", ".join(f"'tc2 {tc2_variants[min(i, len(tc2_variants) - 1)]}' = generate "
+                                              f"{g}" for i, g in enumerate(GENERATE) if g in tc2_generate))
     if missing:
         print(f"peer column missing: {missing} ({PEER_HINT})")
     if out:

@@ -57,7 +57,7 @@ def _generation_model(case: dict, seed: int):
     return cfg, tc2.init_params(cfg, seed)
 
 
-def decode_case(case: dict, seed: int):
+def decode_case(case: dict, seed: int, layered: bool):
     """(cfg, step, fields): one greedy generation of N tokens from B random prompts per call."""
     from bench_decode import random_prompts, timed_generate
     cfg, params = _generation_model(case, seed)
@@ -65,7 +65,7 @@ def decode_case(case: dict, seed: int):
     prefill_times, decode_times, outputs = [], [], []
 
     def step(i):
-        pre, dec, steps = timed_generate(params, cfg, prompts, case["new_tokens"])
+        pre, dec, steps = timed_generate(params, cfg, prompts, case["new_tokens"], layered)
         prefill_times.append(pre)
         decode_times.append(dec)
         outputs.append(steps)
@@ -79,20 +79,20 @@ def decode_case(case: dict, seed: int):
     return cfg, step, fields
 
 
-def prefill_case(case: dict, seed: int):
+def prefill_case(case: dict, seed: int, layered: bool):
     """(cfg, step, fields): the first new token of one [B, T] prompt batch per call."""
     from bench_decode import random_prompts, timed_generate
     cfg, params = _generation_model(case, seed)
     prompts = random_prompts(cfg, case["batch"], case["seq"], seed + 1)
 
     def step(i):
-        timed_generate(params, cfg, prompts, 1)
+        timed_generate(params, cfg, prompts, 1, layered)
 
     return cfg, step, lambda timed: {}
 
 
 def run(case: str, recompute: str = "auto", micro_batch: Optional[int] = None, steps: int = 5, warmup: int = 3,
-        threads: int = 2, seed: int = 0) -> dict:
+        threads: int = 2, seed: int = 0, layered: bool = True) -> dict:
     """One case of `bench_protocol` on tc2 -> the JSON object (also printed as one line).
 
     Args:
@@ -103,6 +103,7 @@ def run(case: str, recompute: str = "auto", micro_batch: Optional[int] = None, s
         warmup: untimed steps before, the first (compiling) one included.
         threads: CPU kernel threads (the official driver uses as many torch threads).
         seed: weights and data.
+        layered: decode and prefill cases: `generate(layered=...)` (layer by layer, or one graph).
     """
     if case not in CASES:
         raise ValueError(f"unknown case {case!r}; choose from {sorted(CASES)}")
@@ -116,9 +117,9 @@ def run(case: str, recompute: str = "auto", micro_batch: Optional[int] = None, s
     if spec["kind"] == "train":
         cfg, step, fields = train_case(spec, recompute, micro_batch, seed)
     else:
-        cfg, step, fields = (decode_case if spec["kind"] == "decode" else prefill_case)(spec, seed)
+        cfg, step, fields = (decode_case if spec["kind"] == "decode" else prefill_case)(spec, seed, layered)
     measured = measure(step, tokens_per_step(spec), warmup, steps)
-    variant = recompute if spec["kind"] == "train" else "generate"
+    variant = recompute if spec["kind"] == "train" else ("layered" if layered else "unrolled")
     res = result(case, "tc2", variant, measured, loadavg_start, **fields(steps), mode="tc2", backend="graph",
                  params=tc2.count_params(cfg), mindspore=ms.__version__, threads=threads, steps=steps,
                  warmup=warmup, seed=seed)

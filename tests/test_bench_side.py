@@ -103,7 +103,7 @@ def test_with_the_peer_both_systems_in_one_table(tmp_path):
             assert float(row[col].split(" ")[0]) > 0, (case, col, row)
     raw = [json.loads(x) for x in out_file.read_text().splitlines()]
     assert sorted((r["case"], r["system"], r["variant"]) for r in raw) == sorted(
-        [(c, "tc2", "auto" if c == "train_tiny" else "generate") for c in TINY]
+        [(c, "tc2", "auto" if c == "train_tiny" else "layered") for c in TINY]
         + [(c, "torch", m) for c in TINY for m in ("eager", "compile")])
 
 
