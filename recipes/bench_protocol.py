@@ -8,6 +8,7 @@ differ by the system and nothing else.
 Cases (shapes from ../shared/design/PEER.md; the tiny ones are for tests):
   train_S      vocab 32000, hidden 256, 4 layers, 8 heads / 2 KV, ffn 768,  batch [4, 256]
   train_M      vocab 32000, hidden 512, 8 layers, 8 heads / 2 KV, ffn 1536, batch [4, 512]
+  train_M8     the same at batch [8, 512] (does tc2 fit where torch fits?)
   decode_b1    shape M, 64-token prompt, 128 greedy new tokens, batch 1
   decode_b8    same, batch 8
   prefill_1024 shape M, one forward over [1, 1024] producing the first new token
@@ -37,6 +38,7 @@ SHAPES = {
 CASES = {
     "train_S": dict(kind="train", shape="S", batch=4, seq=256),
     "train_M": dict(kind="train", shape="M", batch=4, seq=512),
+    "train_M8": dict(kind="train", shape="M", batch=8, seq=512),
     "decode_b1": dict(kind="decode", shape="M", batch=1, prompt=64, new_tokens=128),
     "decode_b8": dict(kind="decode", shape="M", batch=8, prompt=64, new_tokens=128),
     "prefill_1024": dict(kind="prefill", shape="M", batch=1, seq=1024),
