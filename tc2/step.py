@@ -29,6 +29,13 @@ Compilation (MINDSPORE_NOTES §1, §9), two ways (`recompute`, see `resolve_reco
 Graphs are cached per (config, optimizer, loss-scale options, clip, context); state trees are
 wrapped in `ms.mutable`, so new tensors every step never recompile.
 
+Donation (`donate=True`, what `fit` runs): the optimizer's in-place form writes the new
+weights and moments into the state's buffers (`ms.Parameter`s, see `donatable`) after the
+decision graph said the step is finite; the unrolled step is then a gradient+decision graph
+and a write graph. On CPU this is the difference between holding old and new weights and
+moments plus ~20 AdamW temporaries per tensor to the end of a graph, and holding none (S:
+update 1.15 GB -> under 0.05 GB of peak; M unrolled 16.2 -> 10.7 GB; faster too).
+
 Mixed precision: parameters, gradients and optimizer state are float32; forward/backward run
 in cfg.dtype. For float16 a dynamic loss scale multiplies the loss; a step whose gradients are
 not finite is skipped (parameters and optimizer state unchanged, the optimizer count and hence
