@@ -77,7 +77,7 @@ def random_prompts(cfg, batch, length, seed=0):
     return [r.integers(4, cfg.vocab_size, length).tolist() for _ in range(batch)]
 
 
-def timed_generate(params, cfg, prompts, new_tokens, layered: bool = True):
+def timed_generate(params, cfg, prompts, new_tokens, layered=None):
     """One greedy `generate` without stop ids -> (seconds to the first new token: the prefill,
     seconds for the other new_tokens - 1: the cached decode steps, the yielded steps)."""
     t0 = time.perf_counter()

@@ -36,6 +36,7 @@ from tc2.model import embed, forward, gather_logits
 from tc2.model import head as head_logits
 from tc2.nn import rope_cos_sin
 from tc2.nn.take import take
+from tc2.step import unrolled_suits
 from tc2.sampling import NEG, SamplingConfig, mark_present, next_token
 
 __all__ = ["generate", "generate_ids", "generate_batched", "stream_text", "PromptBatch",
@@ -223,7 +224,7 @@ def generate(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
              sampling: Optional[SamplingConfig] = None, stop_ids: Sequence[int] = (2,),
              seed: int = 0, max_len: Optional[int] = None, include_stop: bool = False,
              vocab_limit: Optional[int] = None, ctx: ParallelContext = LOCAL,
-             layered: bool = True) -> Iterator[Tuple[Optional[int], ...]]:
+             layered: Optional[bool] = None) -> Iterator[Tuple[Optional[int], ...]]:
     """Stream new tokens for a batch of prompts (lists of token ids of any lengths).
 
     Yields once per step a tuple with one entry per prompt: the row's new token id, or None
@@ -239,8 +240,10 @@ def generate(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
     ctx: under tensor parallelism, params are this process's shards (every process of the tp
     group calls this with the same arguments and gets the same tokens).
     layered: run the step layer by layer (see `compiled_steps`): compile time independent of
-    depth; per call 1.10x the unrolled graph's time at 4 layers, faster from 8 on (`benchmark.py
-    compile`, hidden 64); False: one unrolled graph per step.
+    depth; False: one unrolled graph per step; None (default): unrolled for a model of at most 8
+    layers and 64M parameters (`tc2.step.unrolled_suits`, as the train step's "auto"), layer by
+    layer otherwise. At shape M (8 layers, 57M) unrolled decodes 327 vs 244 tokens/s at batch 8
+    and 54 vs 51 at batch 1 (`benchmark.py side`); its compile time grows with depth.
     """
     if ctx.cp > 1 or ctx.pp > 1:
         raise ValueError("generation runs without context or pipeline parallelism (cp and pp must be 1)")
@@ -253,6 +256,8 @@ def generate(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
     if max_new_tokens == 0:
         return iter(())
     limit = None if vocab_limit is None or int(vocab_limit) >= cfg.vocab_size else int(vocab_limit)
+    if layered is None:
+        layered = not unrolled_suits(cfg, ctx)
     return _stream(params, cfg, batch, sampling, stop, int(seed), bool(include_stop), limit, ctx, bool(layered))
 
 
@@ -295,7 +300,7 @@ def generate_ids(params, cfg: ModelConfig, prompts, *, max_new_tokens: int,
                  sampling: Optional[SamplingConfig] = None, stop_ids: Sequence[int] = (2,),
                  seed: int = 0, max_len: Optional[int] = None, include_stop: bool = False,
                  vocab_limit: Optional[int] = None, ctx: ParallelContext = LOCAL,
-                 layered: bool = True) -> List[List[int]]:
+                 layered: Optional[bool] = None) -> List[List[int]]:
     """The new tokens of each prompt as lists (stop ids excluded unless include_stop);
     the arguments are those of `generate`."""
     rows: List[List[int]] = [[] for _ in range(len(prompts))]

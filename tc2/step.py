@@ -83,8 +83,13 @@ def resolve_recompute(recompute: str, cfg: ModelConfig, ctx: ParallelContext = L
         if recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be 'auto' or one of {RECOMPUTE}, got {recompute!r}")
         return recompute
-    small = cfg.n_layer <= UNROLLED_MAX_LAYERS and count_params(cfg) // ctx.tp <= UNROLLED_MAX_PARAMS
-    return "none" if small and ctx.pp == 1 and ctx.zero_size == 1 else "selective"
+    return "none" if unrolled_suits(cfg, ctx) and ctx.pp == 1 and ctx.zero_size == 1 else "selective"
+
+
+def unrolled_suits(cfg: ModelConfig, ctx: ParallelContext = LOCAL) -> bool:
+    """A model shallow and small enough that one unrolled graph (train step, decode step) is the
+    faster choice and still compiles about as fast as one layer (see `resolve_recompute`)."""
+    return cfg.n_layer <= UNROLLED_MAX_LAYERS and count_params(cfg) // ctx.tp <= UNROLLED_MAX_PARAMS
 
 
 @dataclass(frozen=True)
