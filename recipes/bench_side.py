@@ -86,8 +86,8 @@ def command(run: Run, opts: dict) -> List[str]:
         cmd += ["--layered", str(run.variant == "layered").lower()]
     else:
         cmd += ["--recompute", run.variant]
-    if opts["micro_batch"]:
-        cmd += ["--micro_batch", str(opts["micro_batch"])]
+        if opts["micro_batch"]:
+            cmd += ["--micro_batch", str(opts["micro_batch"])]
     return cmd
 
 

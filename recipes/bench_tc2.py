@@ -92,7 +92,7 @@ def prefill_case(case: dict, seed: int, layered: bool):
 
 
 def run(case: str, recompute: str = "auto", micro_batch: Optional[int] = None, steps: int = 5, warmup: int = 3,
-        threads: int = 2, seed: int = 0, layered: bool = True) -> dict:
+        threads: int = 2, seed: int = 0, layered: Optional[bool] = None) -> dict:
     """One case of `bench_protocol` on tc2 -> the JSON object (also printed as one line).
 
     Args:
@@ -103,10 +103,16 @@ def run(case: str, recompute: str = "auto", micro_batch: Optional[int] = None, s
         warmup: untimed steps before, the first (compiling) one included.
         threads: CPU kernel threads (the official driver uses as many torch threads).
         seed: weights and data.
-        layered: decode and prefill cases: `generate(layered=...)` (layer by layer, or one graph).
+        layered: decode and prefill cases: `generate(layered=...)` (layer by layer, or one graph;
+            default: generate's own choice).
     """
     if case not in CASES:
         raise ValueError(f"unknown case {case!r}; choose from {sorted(CASES)}")
+    train = CASES[case]["kind"] == "train"
+    if not train and (recompute != "auto" or micro_batch is not None):
+        raise ValueError(f"--recompute and --micro_batch apply to train cases, not {case}")
+    if train and layered is not None:
+        raise ValueError(f"--layered applies to decode and prefill cases, not {case}")
     loadavg_start = os.getloadavg()
     limit_threads(threads)                              # before MindSpore and numpy's BLAS start
     import mindspore as ms
@@ -119,7 +125,10 @@ def run(case: str, recompute: str = "auto", micro_batch: Optional[int] = None, s
     else:
         cfg, step, fields = (decode_case if spec["kind"] == "decode" else prefill_case)(spec, seed, layered)
     measured = measure(step, tokens_per_step(spec), warmup, steps)
-    variant = recompute if spec["kind"] == "train" else ("layered" if layered else "unrolled")
+    if not train and layered is None:
+        from tc2.step import unrolled_suits
+        layered = not unrolled_suits(cfg)
+    variant = recompute if train else ("layered" if layered else "unrolled")
     res = result(case, "tc2", variant, measured, loadavg_start, **fields(steps), mode="tc2", backend="graph",
                  params=tc2.count_params(cfg), mindspore=ms.__version__, threads=threads, steps=steps,
                  warmup=warmup, seed=seed)

@@ -62,9 +62,8 @@ from tc2.layer import RECOMPUTE
 from tc2.layerwise import layerwise_grads, layerwise_loss_sums, zeros_like_f32
 from tc2.model import count_params, loss_sums
 from tc2.optim import GradientTransformation
-from tc2.model import tp_sharded
 from tc2.tree import tree_map, tree_names
-from tc2.update import Decision, apply_gradients, bodies, can_donate, zero_slice
+from tc2.update import Decision, apply_gradients, bodies, donation_refused, params_shaped, zero_slice
 
 BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids")
 LOCAL_KEYS = BATCH_KEYS + ("seq_len",)         # what `ParallelContext.local_batch` adds
@@ -235,70 +234,59 @@ def _compiled_grad(cfg: ModelConfig, ctx: ParallelContext):
 
 @forget_after_failure
 def _compiled_unrolled(cfg: ModelConfig, optimizer: GradientTransformation, ls: Optional[LossScaleConfig],
-                       clip_norm: Optional[float], ctx: ParallelContext):
-    """(whole step for one micro-batch, update after accumulated micro-batches), each one graph:
-    the unrolled model's step as the fastest it runs on CPU (recompute "none", no pipeline, no
-    ZeRO). Measured at shape S: 0.54 s per step fused, 0.71 s with the update piece by piece."""
-    finish = bodies(cfg, optimizer, ls, clip_norm, ctx).finish
+                       clip_norm: Optional[float], ctx: ParallelContext, donate: bool):
+    """The unrolled model's step, as the fastest it runs on CPU (recompute "none", no pipeline, no
+    ZeRO): (the step for one micro-batch, the same from accumulated gradients, the in-place write
+    or None), each one graph. Without donation the update is inside the first two (measured at
+    shape S: 0.54 s per step fused, 0.71 s with the update piece by piece); with it they end at
+    the update's decision and the write graph applies it (tc2.optim.InPlace)."""
+    _, _, _, finish, reduce_decide = bodies(cfg, optimizer, ls, clip_norm, ctx)   # graph mode: no attributes
+    tail = reduce_decide if donate else finish
+    write = optimizer.inplace.write if donate else None
 
     def objective(params, tokens, labels, positions, segment_ids, seq_len, weight):
         return _objective(params, tokens, labels, positions, segment_ids, seq_len, weight, cfg, ctx)
     value_and_grad = ms.value_and_grad(objective, grad_position=0, has_aux=True)
+
+    def from_grads(params, opt_state, scale_state, grads, loss_sum, inv_count):
+        if donate:
+            return tail(opt_state, scale_state, grads, loss_sum, inv_count)     # (grads, decision)
+        return tail(params, opt_state, scale_state, grads, loss_sum, inv_count)  # (params, state, decision)
 
     @ms.jit
     def fused(params, opt_state, scale_state, tokens, labels, positions, segment_ids, seq_len, inv_count):
         weight = inv_count if scale_state is None else inv_count * scale_state["scale"]
         (_, loss_sum), grads = value_and_grad(params, tokens, labels, positions, segment_ids, seq_len, weight)
-        return finish(params, opt_state, scale_state, grads, loss_sum, inv_count)
+        return from_grads(params, opt_state, scale_state, grads, loss_sum, inv_count)
 
-    return fused, ms.jit(finish)
+    write_all = None
+    if donate:
+        @ms.jit
+        def write_all(params, grads, opt_state, factor):
+            return write(grads, opt_state, params, factor)
 
-
-@forget_after_failure
-def _compiled_unrolled_donated(cfg: ModelConfig, optimizer: GradientTransformation, ls: Optional[LossScaleConfig],
-                               clip_norm: Optional[float], ctx: ParallelContext):
-    """The unrolled step when the state is donated: (gradients + the update's decision for one
-    micro-batch, the same from accumulated gradients, the in-place write of the whole tree)."""
-    reduce_body, decide_body, _, _ = bodies(cfg, optimizer, ls, clip_norm, ctx)   # graph mode: no attributes
-    write = optimizer.inplace.write
-    sharded = tp_sharded(cfg) if ctx.tp > 1 else None
-
-    def objective(params, tokens, labels, positions, segment_ids, seq_len, weight):
-        return _objective(params, tokens, labels, positions, segment_ids, seq_len, weight, cfg, ctx)
-    value_and_grad = ms.value_and_grad(objective, grad_position=0, has_aux=True)
-
-    def reduce_decide(opt_state, scale_state, grads, loss_sum, inv_count):
-        inv_scale = inv_count * 0.0 + 1.0 if scale_state is None else 1.0 / scale_state["scale"]
-        grads, a, c = reduce_body(grads, inv_scale, sharded)
-        return grads, decide_body(a, c, loss_sum, inv_count, scale_state, opt_state)
-
-    @ms.jit
-    def decided(params, opt_state, scale_state, tokens, labels, positions, segment_ids, seq_len, inv_count):
-        weight = inv_count if scale_state is None else inv_count * scale_state["scale"]
-        (_, loss_sum), grads = value_and_grad(params, tokens, labels, positions, segment_ids, seq_len, weight)
-        return reduce_decide(opt_state, scale_state, grads, loss_sum, inv_count)
-
-    @ms.jit
-    def write_all(params, grads, opt_state, factor):
-        return write(grads, opt_state, params, factor)
-
-    return decided, ms.jit(reduce_decide), write_all
+    return fused, ms.jit(from_grads), write_all
 
 
-def _unrolled_donated(state: TrainState, parts, inv_count, cfg: ModelConfig, optimizer, ls, clip_norm, ctx):
-    decided, reduce_decide, write_all = _compiled_unrolled_donated(cfg, optimizer, ls, clip_norm, ctx)
-    scale, opt_state = _mut(state.loss_scale), state.opt_state
+def _unrolled_update(state: TrainState, parts, inv_count, cfg: ModelConfig, optimizer, ls, clip_norm, ctx,
+                     donate: bool):
+    fused, from_grads, write_all = _compiled_unrolled(cfg, optimizer, ls, clip_norm, ctx, donate)
+    scale = _mut(state.loss_scale)
+    params, opt_state = ms.mutable(state.params), ms.mutable(state.opt_state)
     if len(parts) == 1:
-        grads, d = decided(ms.mutable(state.params), ms.mutable(opt_state), scale, *parts[0], inv_count)
+        out = fused(params, opt_state, scale, *parts[0], inv_count)
     else:
         weight = inv_count if state.loss_scale is None else inv_count * state.loss_scale["scale"]
         grads, loss_sum = _accumulate(state.params, parts, cfg, ctx, weight, "none")
-        grads, d = reduce_decide(ms.mutable(opt_state), scale, ms.mutable(grads), loss_sum, inv_count)
-    d = Decision(*d)
+        out = from_grads(params, opt_state, scale, ms.mutable(grads), loss_sum, inv_count)
+    if not donate:
+        return out[0], out[1], Decision(*out[2])
+    grads, d = out[0], Decision(*out[1])
+    new_state = state.opt_state
     if bool(d.ok.asnumpy()):                                    # a skipped step writes nothing
-        count = write_all(ms.mutable(state.params), ms.mutable(grads), ms.mutable(opt_state), d.factor)
-        opt_state = optimizer.inplace.advance(opt_state, count)
-    return state.params, opt_state, d
+        count = write_all(params, ms.mutable(grads), opt_state, d.factor)
+        new_state = optimizer.inplace.advance(state.opt_state, count)
+    return state.params, new_state, d
 
 
 def donatable(state: TrainState) -> TrainState:
@@ -310,7 +298,7 @@ def donatable(state: TrainState) -> TrainState:
         return tree_map(one, tree, tree_names(tree))
 
     def walk(x, tag):
-        if isinstance(x, dict) and "layers" in x:
+        if params_shaped(x):
             return as_parameters(x, tag)
         if isinstance(x, dict):
             return {k: walk(v, f"{tag}.{k}") for k, v in x.items()}
@@ -318,19 +306,6 @@ def donatable(state: TrainState) -> TrainState:
             return tuple(walk(v, f"{tag}.{i}") for i, v in enumerate(x))
         return x
     return state.replace(params=as_parameters(state.params, "params"), opt_state=walk(state.opt_state, "opt"))
-
-
-def _unrolled_update(state: TrainState, parts, inv_count, cfg: ModelConfig, optimizer, ls, clip_norm, ctx):
-    fused, finish = _compiled_unrolled(cfg, optimizer, ls, clip_norm, ctx)
-    scale = _mut(state.loss_scale)
-    if len(parts) == 1:
-        params, opt_state, d = fused(ms.mutable(state.params), ms.mutable(state.opt_state), scale, *parts[0], inv_count)
-    else:
-        weight = inv_count if state.loss_scale is None else inv_count * state.loss_scale["scale"]
-        grads, loss_sum = _accumulate(state.params, parts, cfg, ctx, weight, "none")
-        params, opt_state, d = finish(ms.mutable(state.params), ms.mutable(state.opt_state), scale,
-                                      ms.mutable(grads), loss_sum, inv_count)
-    return params, opt_state, Decision(*d)
 
 
 def _mut(tree):
@@ -403,7 +378,8 @@ def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: Grad
     loss_scale (when scaling). `state` is not modified, unless `donate`: then the optimizer
     writes the new weights and moments over the old ones (MindSpore's fused in-place AdamW; far
     less memory and time on CPU) and `state` must not be used after the call (the returned
-    state holds the same buffers); ignored where impossible (`tc2.update.can_donate`). `loss_scale` must be the config the
+    state holds the same buffers); refused (ValueError) where impossible (ZeRO-1, an optimizer
+    without an in-place form: `tc2.update.donation_refused`). `loss_scale` must be the config the
     state was initialised with (None: no scaling). Token ids and labels outside the vocabulary
     are refused (ValueError naming the batch row, position and id).
     """
@@ -417,12 +393,14 @@ def train_step(state: TrainState, batch: dict, cfg: ModelConfig, optimizer: Grad
         return _skip_empty(state, optimizer, n_tokens)
     inv_count = ms.Tensor(1.0 / max(n_loss, 1), ms.float32)
     recompute = resolve_recompute(recompute, cfg, ctx)
-    donate = donate and can_donate(optimizer, ctx)
     if donate:
+        refused = donation_refused(optimizer, ctx)
+        if refused:
+            raise ValueError(f"train_step(donate=True) is not possible here: {refused}; pass donate=False")
         state = donatable(state)
     if recompute == "none" and ctx.pp == 1 and ctx.zero_size == 1:
-        update = _unrolled_donated if donate else _unrolled_update
-        params, opt_state, d = update(state, parts, inv_count, cfg, optimizer, loss_scale, clip_norm, ctx)
+        params, opt_state, d = _unrolled_update(state, parts, inv_count, cfg, optimizer, loss_scale, clip_norm,
+                                                ctx, donate)
     else:
         weight = inv_count if state.loss_scale is None else inv_count * state.loss_scale["scale"]
         grads, loss_sum = _accumulate(state.params, parts, cfg, ctx, weight, recompute)

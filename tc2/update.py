@@ -66,7 +66,7 @@ def join(like, pieces: List, by_layer: bool):
     return {k: layers if k == "layers" else top[k] for k in like}
 
 
-def _params_shaped(x) -> bool:
+def params_shaped(x) -> bool:
     return isinstance(x, dict) and "layers" in x
 
 
@@ -75,7 +75,7 @@ def split_state(state, n_pieces: int, by_layer: bool) -> List:
     else (a step count, a chain's empty state) shared by every piece."""
     if not by_layer:
         return [state]
-    if _params_shaped(state):
+    if params_shaped(state):
         return split(state, True)
     if isinstance(state, dict):
         parts = {k: split_state(state[k], n_pieces, True) for k in state}
@@ -90,7 +90,7 @@ def join_state(like, pieces: List, by_layer: bool):
     """Inverse of `split_state` (shared parts taken from the first piece)."""
     if not by_layer:
         return pieces[0]
-    if _params_shaped(like):
+    if params_shaped(like):
         return join(like, pieces, True)
     if isinstance(like, dict):
         return {k: join_state(like[k], [p[k] for p in pieces], True) for k in like}
@@ -147,6 +147,7 @@ class Bodies(NamedTuple):
     decide: object
     update: object
     finish: object
+    reduce_decide: object      # `finish` without the update: (reduced grads, Decision fields)
 
 
 def bodies(cfg: ModelConfig, optimizer: GradientTransformation, ls, clip_norm: Optional[float],
@@ -200,21 +201,25 @@ def bodies(cfg: ModelConfig, optimizer: GradientTransformation, ls, clip_norm: O
             new_params = apply_updates(params, updates)
         return _keep_if(ok, (new_params, new_state), (params, opt_state))
 
-    def finish(params, opt_state, scale_state, grads, loss_sum, inv_count):
-        """The whole update in one graph (no ZeRO) -> (params, opt_state, Decision fields)."""
+    def reduce_decide(opt_state, scale_state, grads, loss_sum, inv_count):
+        """The whole tree's reduction and decision -> (grads, Decision fields)."""
         inv_scale = inv_count * 0.0 + 1.0 if scale_state is None else 1.0 / scale_state["scale"]
         grads, a, b = reduce(grads, inv_scale, sharded)
-        factor, ok, loss, gnorm, lr, new_scale = decide(a, b, loss_sum, inv_count, scale_state, opt_state)
-        params, opt_state = apply(params, grads, opt_state, factor, ok, False)
-        return params, opt_state, (factor, ok, loss, gnorm, lr, new_scale)          # host: Decision(*...)
+        return grads, decide(a, b, loss_sum, inv_count, scale_state, opt_state)
 
-    return Bodies(reduce, decide, apply, finish)
+    def finish(params, opt_state, scale_state, grads, loss_sum, inv_count):
+        """The whole update in one graph (no ZeRO) -> (params, opt_state, Decision fields)."""
+        grads, d = reduce_decide(opt_state, scale_state, grads, loss_sum, inv_count)
+        params, opt_state = apply(params, grads, opt_state, d[0], d[1], False)
+        return params, opt_state, d                                                 # host: Decision(*d)
+
+    return Bodies(reduce, decide, apply, finish, reduce_decide)
 
 
 @forget_after_failure
 def compiled_update(cfg: ModelConfig, optimizer: GradientTransformation, ls, clip_norm: Optional[float],
                     ctx: ParallelContext, by_layer: bool) -> _Graphs:
-    reduce_body, decide, update_body, _ = bodies(cfg, optimizer, ls, clip_norm, ctx)   # graph mode: no attributes
+    reduce_body, decide, update_body, _, _ = bodies(cfg, optimizer, ls, clip_norm, ctx)   # graph mode: no attributes
     masks = _masks(tp_sharded(cfg) if ctx.tp > 1 else None, by_layer)
 
     def make_reduce(mask):
@@ -272,10 +277,18 @@ def _keep_if(ok, new, old):
 # --------------------------------------------------------------------------- the driver
 
 
+def donation_refused(optimizer: GradientTransformation, ctx: ParallelContext) -> Optional[str]:
+    """Why a step may not write the update into its state's buffers (None when it may): it needs
+    an optimizer with an in-place form, and no ZeRO-1 (whose rows are gathered into new tensors)."""
+    if optimizer.inplace is None:
+        return "the optimizer has no in-place form (GradientTransformation.inplace; adamw has one)"
+    if ctx.zero_size > 1:
+        return "ZeRO-1 gathers each rank's updated rows into new tensors"
+    return None
+
+
 def can_donate(optimizer: GradientTransformation, ctx: ParallelContext) -> bool:
-    """Whether a step may write the update into its state's buffers: the optimizer has an
-    in-place form and no ZeRO-1 (whose rows are gathered into new tensors anyway)."""
-    return optimizer.inplace is not None and ctx.zero_size == 1
+    return donation_refused(optimizer, ctx) is None
 
 
 def apply_gradients(params, opt_state, scale_state, grads, loss_sum, inv_count, cfg: ModelConfig,

@@ -358,6 +358,15 @@ def test_a_donated_float16_overflow_writes_nothing(params):
     assert int(state.opt_state["count"].asnumpy()) == 0
 
 
+def test_donation_is_refused_where_it_cannot_happen(params):
+    """An optimizer without an in-place form (a chain) cannot write into the buffers: say so."""
+    from tc2.optim import chain, clip_by_global_norm
+    opt = chain(clip_by_global_norm(1.0), adamw(1e-3))
+    state = init_train_state(params, opt)
+    with pytest.raises(ValueError, match=re.escape("train_step(donate=True) is not possible here: the optimizer has no in-place form")):
+        train_step(state, train_batch(_rows(B, 5), PAD), CFG, opt, donate=True)
+
+
 # --------------------------------------------------------------------------- loop + resume
 
 

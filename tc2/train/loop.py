@@ -197,7 +197,8 @@ class _Run:
         if state is None:
             state = init_train_state(local_params(params, self.cfg, self.ctx), self.optimizer, self.loss_scale,
                                      ctx=self.ctx)
-        if can_donate(self.optimizer, self.ctx):
+        self.donate = can_donate(self.optimizer, self.ctx)
+        if self.donate:
             state = donatable(state)                 # the buffers every step writes into, made once
         self.state, self.start_step = state, int(state.step.asnumpy())
         self.step = self.start_step
@@ -225,7 +226,8 @@ class _Run:
         t0 = time.perf_counter()
         with self.stop.holding():                 # the step writes into self.state's buffers
             self.state, m = train_step(self.state, batch, self.cfg, self.optimizer, self.loss_scale,
-                                       clip_norm=self.clip, ctx=self.ctx, recompute=self.recompute, donate=True)
+                                       clip_norm=self.clip, ctx=self.ctx, recompute=self.recompute,
+                                       donate=self.donate)
         dt = time.perf_counter() - t0
         self.step += 1
         if m.get("no_loss_tokens"):

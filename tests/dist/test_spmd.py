@@ -113,28 +113,29 @@ def four(tmp_path_factory):
     return _FOUR.get(tmp_path_factory)
 
 
-def test_dp2_train_steps_equal_single_process(two):
+def _check_dp2_steps(two, tag: str, label: str):
+    """Each rank's params after steps 1 and 2 of run `tag` == one process (1e-5), and its
+    (loss, grad_norm) too."""
     ref = two[0]
     for r in (0, 1):
         res = two[r]
         for step in (1, 2):
-            _check_local(_group(res, f"dp_step{step}"), _group(ref, f"ref_step{step}"), Mesh(dp=2), r,
-                         f"dp=2 params after step {step}")
-            np.testing.assert_allclose(res[f"dp/m{step}"], ref[f"ref/m{step}"], rtol=1e-5,
+            _check_local(_group(res, f"{tag}_step{step}"), _group(ref, f"ref_step{step}"), Mesh(dp=2), r,
+                         f"{label} params after step {step}")
+            np.testing.assert_allclose(res[f"{tag}/m{step}"], ref[f"ref/m{step}"], rtol=1e-5,
                                        err_msg="(loss, grad_norm)")
+
+
+def test_dp2_train_steps_equal_single_process(two):
+    _check_dp2_steps(two, "dp", "dp=2")
 
 
 def test_dp2_zero1_chunked_apply_equals_single_process(two):
     """ZeRO-1 with every tensor updated in uneven row chunks of this rank's rows, then gathered:
     the same parameters as one process; each rank's Adam moments are its half of the rows."""
-    ref = two[0]
+    _check_dp2_steps(two, "dpzero", "dp=2 ZeRO-1")
     for r in (0, 1):
-        res = two[r]
-        for step in (1, 2):
-            _check_local(_group(res, f"dpzero_step{step}"), _group(ref, f"ref_step{step}"), Mesh(dp=2), r,
-                         f"dp=2 ZeRO-1 params after step {step}")
-            np.testing.assert_allclose(res[f"dpzero/m{step}"], ref[f"ref/m{step}"], rtol=1e-5)
-        mu = _group(res, "dpzero_opt")
+        mu = _group(two[r], "dpzero_opt")
         emb = [k for k in mu if k.endswith("word_embeddings") and "mu" in k]
         assert emb and mu[emb[0]].shape[0] == CFG.vocab_size // 2, {k: v.shape for k, v in mu.items()}
 
